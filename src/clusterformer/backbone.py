@@ -409,6 +409,29 @@ class ClusterFormer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_dense(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features for the dense heads: the stage outputs ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32
+        (the last one normalised) and the cluster centers of the last block, ``(B, K, heads * d)``,
+        which initialise the decoder's queries (paper Table 6f)."""
+        features = []
+        x = self.stem(x)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(self.stages):
+            if i < last:
+                x = stage(x)
+            else:
+                x = stage.downsample(x)
+                for block in stage.blocks[:-1]:
+                    if stage.grad_checkpointing and torch.is_grad_enabled():
+                        x = checkpoint(block, x, use_reentrant=False)
+                    else:
+                        x = block(x)
+                x, centers, _ = stage.blocks[-1](x, return_clusters=True)
+                x = self.norm(x)
+            features.append(x.permute(0, 3, 1, 2))
+        b, heads, k, d = centers.shape
+        return features, centers.transpose(1, 2).reshape(b, k, heads * d)
+
     # --- explainability -------------------------------------------------------------------------
     @torch.no_grad()
     def forward_clusters(self, x: torch.Tensor, all_blocks: bool = False) -> list[dict[str, torch.Tensor | None]]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -55,6 +57,56 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers)
+    return 0
+
+
+def _evaluate_detection(args: argparse.Namespace) -> dict[str, float]:
+    """COCO box AP/AR: ``--gt`` COCO instances JSON, ``--pred`` COCO results JSON (``bbox``)."""
+    from .metrics import coco_evaluate
+
+    _require(args, "gt", "pred")
+    return coco_evaluate(args.gt, args.pred, "bbox")
+
+
+def _evaluate_instance(args: argparse.Namespace) -> dict[str, float]:
+    """COCO mask AP/AR: ``--gt`` COCO instances JSON, ``--pred`` COCO results JSON (``segmentation`` RLE).
+    Only the mask metrics; score the boxes of the same file with ``--task detection``."""
+    from .metrics import coco_evaluate
+
+    _require(args, "gt", "pred")
+    return coco_evaluate(args.gt, args.pred, "segm")
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"--task {args.task} needs {' and '.join(missing)}")
+
+
+# task -> handler: the handler reads its inputs from the parsed arguments, returns the metrics, and raises a
+# ValueError (subclass) whose message names the file and the problem when an input is bad
+EVALUATORS = {
+    "detection": _evaluate_detection,
+    "instance": _evaluate_instance,
+}
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    try:
+        metrics = EVALUATORS[args.task](args)
+    except ValueError as error:  # bad input: one line, no traceback
+        print(f"clusterformer evaluate: error: {error}", file=sys.stderr)
+        return 2
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+        except OSError as error:
+            print(f"clusterformer evaluate: error: {args.out}: cannot write the metrics ({error})", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -122,6 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
     demo.set_defaults(func=_demo)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a predictions file against the ground truth offline and print the metrics as JSON",
+        description="Score predictions offline with the reference tools and print the metrics as JSON. "
+        "detection: COCO box AP/AR (pycocotools COCOeval, iouType bbox); instance: COCO mask AP/AR (iouType segm, "
+        "areas from the masks). --gt is a COCO instances JSON, --pred a COCO results JSON (a list of image_id, "
+        "category_id, score, bbox [x, y, w, h] and/or segmentation RLE). Bad input exits with status 2 and a "
+        "one-line message naming the file.",
+    )
+    evaluate.add_argument("--task", required=True, choices=sorted(EVALUATORS))
+    evaluate.add_argument("--gt", help="ground truth: COCO instances JSON")
+    evaluate.add_argument("--pred", help="predictions: COCO results JSON")
+    evaluate.add_argument("--out", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(func=_evaluate)
     return parser
 
 

@@ -42,7 +42,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: i
         randaugment=False,
         random_erasing=0.0,
     )
-    task = ClassificationTask("clusterformer_nano", num_classes=data.num_classes, lr=3e-3, warmup_epochs=0.5)
+    task = ClassificationTask("clusterformer_nano", num_classes=data.num_classes, lr=1e-3, warmup_epochs=0.5)
     common = dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False)
 
     print("[2/4] evaluating the untrained model")

@@ -144,6 +144,7 @@ class CocoInstances(torch.utils.data.Dataset):
             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in keep], dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", 0.0)) for a in keep], dtype=torch.float32),
             "image_id": info["id"],
+            "orig_size": (h, w),
         }
         if self.with_masks:
             masks = np.stack([self._mask(a, h, w) for a in keep]) if keep else np.zeros((0, h, w), bool)

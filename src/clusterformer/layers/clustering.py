@@ -118,12 +118,16 @@ class RecurrentClustering(nn.Module):
             self.sim_alpha = nn.Parameter(torch.ones(1))
             self.sim_beta = nn.Parameter(torch.zeros(1))
 
-    def project(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, tokens: torch.Tensor, key_tokens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (B, N, C)`` -> ``keys (B * heads, N, d)`` and ``values (B * heads, d, N)``, computed
-        once per block."""
+        once per block. ``key_tokens`` (default ``tokens``) feed the keys only: the decoder adds the
+        position embedding there, as DETR adds it to the keys and not to the values."""
         b, n, _ = tokens.shape
         h, d = self.num_heads, self.head_dim
-        keys = self.k(tokens).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+        key_tokens = tokens if key_tokens is None else key_tokens
+        keys = self.k(key_tokens).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
         values = self.v(tokens).view(b, n, h, d).permute(0, 2, 3, 1).reshape(b * h, d, n)
         return keys, values
 

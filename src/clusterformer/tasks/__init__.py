@@ -1,5 +1,6 @@
 """Lightning tasks: one thin LightningModule (and data module) per task."""
 
 from .classification import ClassificationTask, ImageFolderData
+from .sets import CocoData, SetTask
 
-__all__ = ["ClassificationTask", "ImageFolderData"]
+__all__ = ["ClassificationTask", "CocoData", "ImageFolderData", "SetTask"]

@@ -1,0 +1,224 @@
+"""The clustering decoder shared by the dense heads (paper §3.3, Table 6f).
+
+* ``PixelDecoder``: an FPN over the backbone's stride 4/8/16/32 features. It gives the decoder three
+  levels of pixel features (strides 32, 16, 8) and the stride-4 features that the mask embeddings are
+  multiplied with.
+* ``ClusteringDecoderLayer``: recurrent cross-attention clustering of the pixel features into the
+  queries (Eq. 4: ``M = softmax_K(Q_C K_I^T)``, ``C <- C + M V_I``, ``T`` iterations with the same
+  projections), then self-attention among the queries and an FFN, each with a residual and a
+  LayerNorm (post-norm, as DETR and Mask2Former).
+* ``ClusteringDecoder``: initial queries from the encoder's cluster centers (default) or free learnable
+  queries, then ``num_layers`` layers that visit the three levels in turn (32, 16, 8, 32, ...); it
+  returns the queries after every layer for deep supervision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import RecurrentClustering
+
+QUERY_INITS = ("encoder", "free")
+
+
+def sine_position(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """DETR's normalised 2-D sine position embedding: ``(h * w, dim)``, half the channels for ``y``,
+    half for ``x``, each alternating sin / cos over geometric frequencies."""
+    if dim % 4:
+        raise ValueError(f"position embedding width must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    freqs = 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
+    x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
+    ey = torch.stack([(y[:, None] / freqs).sin(), (y[:, None] / freqs).cos()], -1).flatten(1)  # (h, dim/2)
+    ex = torch.stack([(x[:, None] / freqs).sin(), (x[:, None] / freqs).cos()], -1).flatten(1)  # (w, dim/2)
+    pos = torch.cat([ey[:, None, :].expand(h, w, -1), ex[None, :, :].expand(h, w, -1)], dim=-1)
+    return pos.reshape(h * w, dim).to(dtype)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class PixelDecoder(nn.Module):
+    """FPN: lateral 1x1 convolutions, top-down nearest upsampling and sums, a 3x3 convolution per level.
+
+    Args:
+        in_channels: channels of the backbone features at strides 4, 8, 16, 32.
+        dim: width of the decoder's pixel features.
+        mask_dim: width of the stride-4 mask features; ``None`` for heads without masks (detection),
+            which then skip the stride-4 level altogether.
+    """
+
+    def __init__(self, in_channels: Sequence[int], dim: int = 256, mask_dim: int | None = 256):
+        super().__init__()
+        self.with_masks = mask_dim is not None
+        used = list(in_channels) if self.with_masks else list(in_channels)[1:]
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, dim, 1, bias=False), _group_norm(dim)) for c in used)
+        self.output = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), _group_norm(dim), nn.ReLU(inplace=True))
+            for _ in used
+        )
+        self.mask_features = nn.Conv2d(dim, mask_dim, 1) if self.with_masks else None
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """``features``: ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32. Returns the mask features
+        ``(B, mask_dim, H_0, W_0)`` (``None`` without masks) and the pixel features at strides
+        ``[32, 16, 8]``, ``(B, dim, H_i, W_i)``."""
+        features = list(features) if self.with_masks else list(features)[1:]
+        outputs = []
+        top = None
+        for i in range(len(features) - 1, -1, -1):
+            lateral = self.lateral[i](features[i])
+            if top is not None:
+                lateral = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+            top = lateral
+            outputs.append(self.output[i](lateral))
+        if not self.with_masks:  # outputs: strides 32, 16, 8
+            return None, outputs
+        return self.mask_features(outputs[-1]), outputs[:-1]  # strides 32, 16, 8 and the stride-4 map
+
+
+class ClusteringDecoderLayer(nn.Module):
+    """One decoder layer: recurrent cross-attention clustering + self-attention + FFN.
+
+    The clustering is the encoder's ``RecurrentClustering`` (softmax over the clusters, the query
+    projection shared by the heads and reused at every iteration). Keys see the pixel features plus
+    their position embedding, values the features alone. The M-step sums are divided by the mean
+    cluster mass ``N / K``, a constant of the feature map's size: the layers alternate between
+    levels whose ``N`` differs 16-fold, and the sum of an unscaled M-step grows with ``N``.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, iterations: int = 3, ffn_dim: int = 2048, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
+        self.clustering = RecurrentClustering(dim, num_heads, head_dim=dim // num_heads, iterations=iterations)
+        self.cluster_out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(ffn_dim, dim)
+        )
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def cluster(
+        self, queries: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries (B, K, D)`` (position included), ``memory (B, N, D)``, ``memory_pos (N, D)`` ->
+        the summed center update ``(B, K, D)`` and the last assignment ``(B, heads, N, K)``."""
+        b, k, dim = queries.shape
+        n = memory.shape[1]
+        heads, d = self.clustering.num_heads, self.clustering.head_dim
+        keys, values = self.clustering.project(memory, memory + memory_pos)
+        values = values * (k / n)
+        centers0 = queries.view(b, k, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, k)
+        centers, assignments = self.clustering(centers0, keys, values, (n, 1))
+        update = (centers - centers0).view(b, heads, d, k).permute(0, 3, 1, 2).reshape(b, k, dim)
+        return update, assignments.view(b, heads, n, k)
+
+    def forward(
+        self, queries: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """``queries (B, K, D)``, ``query_pos (B or 1, K, D)``, ``memory (B, N, D)``, ``memory_pos (N, D)``."""
+        update, _ = self.cluster(queries + query_pos, memory, memory_pos)
+        queries = self.norm1(queries + self.dropout(self.cluster_out(update)))
+        q = queries + query_pos
+        attended, _ = self.self_attn(q, q, queries, need_weights=False)
+        queries = self.norm2(queries + self.dropout(attended))
+        return self.norm3(queries + self.dropout(self.ffn(queries)))
+
+
+class ClusteringDecoder(nn.Module):
+    """Pixel decoder + ``num_layers`` clustering layers over three feature levels.
+
+    Args:
+        in_channels: backbone channels at strides 4/8/16/32.
+        center_dim: width of the encoder's cluster centers (``heads * head_dim`` of its last stage).
+        num_centers: number of encoder centers (100 for a 10 x 10 grid).
+        num_queries: decoder queries. With ``query_init="encoder"`` and ``num_queries != num_centers``
+            a linear map over the center axis turns the encoder's centers into the queries.
+        dim, mask_dim (``None``: no mask features), num_layers, num_heads, iterations, ffn_dim, dropout: decoder sizes.
+        query_init: ``"encoder"`` (queries = projected encoder centers) or ``"free"`` (learnt).
+    """
+
+    num_levels = 3
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        center_dim: int,
+        num_centers: int = 100,
+        num_queries: int = 100,
+        dim: int = 256,
+        mask_dim: int | None = 256,
+        num_layers: int = 6,
+        num_heads: int = 8,
+        iterations: int = 3,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        query_init: str = "encoder",
+    ):
+        super().__init__()
+        if query_init not in QUERY_INITS:
+            raise ValueError(f"query_init must be one of {QUERY_INITS}, got {query_init!r}")
+        self.query_init = query_init
+        self.num_queries = num_queries
+        self.dim = dim
+        self.mask_dim = mask_dim
+        self.pixel_decoder = PixelDecoder(in_channels, dim, mask_dim)
+        self.level_embed = nn.Parameter(torch.zeros(self.num_levels, dim))
+        self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
+        if query_init == "free":
+            self.query_feat = nn.Parameter(torch.zeros(num_queries, dim))
+        else:
+            self.center_proj = nn.Sequential(nn.Linear(center_dim, dim), nn.LayerNorm(dim))
+            self.center_to_query = nn.Linear(num_centers, num_queries) if num_queries != num_centers else None
+        self.layers = nn.ModuleList(
+            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.level_embed, std=0.02)
+        nn.init.normal_(self.query_pos, std=0.02)
+        if query_init == "free":
+            nn.init.normal_(self.query_feat, std=0.02)
+
+    def initial_queries(self, centers: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if self.query_init == "free":
+            return self.query_feat.unsqueeze(0).expand(batch, -1, -1)
+        if centers is None:
+            raise ValueError("query_init='encoder' needs the encoder's cluster centers")
+        queries = self.center_proj(centers)  # (B, K_enc, D)
+        if self.center_to_query is not None:
+            queries = self.center_to_query(queries.transpose(1, 2)).transpose(1, 2)
+        return queries
+
+    def forward(
+        self, features: Sequence[torch.Tensor], centers: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``features``: backbone maps at strides 4/8/16/32; ``centers (B, K_enc, center_dim)``.
+
+        Returns the normalised queries after every layer, each ``(B, Q, D)``, and the mask features
+        ``(B, mask_dim, H/4, W/4)`` (``None`` when ``mask_dim`` is ``None``).
+        """
+        mask_features, levels = self.pixel_decoder(features)
+        memories, positions = [], []
+        for i, level in enumerate(levels):
+            _, _, h, w = level.shape
+            memories.append(level.flatten(2).transpose(1, 2))  # (B, N_i, D)
+            positions.append(sine_position(h, w, self.dim, level.device, level.dtype) + self.level_embed[i])
+        queries = self.initial_queries(centers, levels[0].shape[0])
+        query_pos = self.query_pos.unsqueeze(0)
+        states = []
+        for i, layer in enumerate(self.layers):
+            level = i % self.num_levels
+            queries = layer(queries, query_pos, memories[level], positions[level])
+            states.append(self.norm(queries))
+        return states, mask_features

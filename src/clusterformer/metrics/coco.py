@@ -1,0 +1,286 @@
+"""COCO detection and instance-segmentation metrics: pycocotools' ``COCOeval``, behind checked inputs.
+
+The numbers are pycocotools' own (``COCOeval.stats``); this module only checks the inputs, so that a bad
+results file gives an error naming the file and the entry instead of an ``AssertionError`` or a
+``KeyError`` from inside pycocotools, and handles the two cases pycocotools does not:
+
+* **No results at all.** ``COCO.loadRes`` fails on an empty list (it reads ``anns[0]``), so the results
+  object is built directly, with no annotations, and ``COCOeval`` runs as usual: every area range
+  with ground truth gets AP and AR 0, and those without keep pycocotools' -1.
+* **Mask results that also carry boxes.** ``loadRes`` then takes the *box* area as the area of each
+  segmentation result, which moves results between the small / medium / large ranges. For
+  ``iou_type="segm"`` the boxes are dropped first, so that the areas are the mask areas (as
+  detectron2's COCO evaluator does); results without boxes are evaluated exactly as pycocotools would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import box_convert
+
+from ..data.coco import REQUIRED, AnnotationError, read_coco
+
+IOU_TYPES = ("bbox", "segm")
+# names of COCOeval.stats[0:12], in its order
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+RESULT_KEYS = {"bbox": ("image_id", "category_id", "score", "bbox"),
+               "segm": ("image_id", "category_id", "score", "segmentation")}  # fmt: skip
+MAX_NAMED = 10  # at most this many offending ids are listed in an error
+
+
+class ResultsError(ValueError):
+    """A problem in a results file (or list); the message names it and the offending entry."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _listed(ids: set[str]) -> str:
+    ids = sorted(ids)
+    more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
+    return ", ".join(ids[:MAX_NAMED]) + more
+
+
+def _load_ground_truth(gt: str | Path | dict) -> tuple[str, dict]:
+    """``(name, data)``: a file is read and checked by :func:`read_coco`; a dict gets the same checks."""
+    if not isinstance(gt, dict):
+        return str(gt), read_coco(gt)
+    name = "ground truth (dict)"
+    for key, fields in REQUIRED.items():
+        if not isinstance(gt.get(key), list):
+            raise AnnotationError(f"{name}: missing the list '{key}'")
+        for entry in gt[key]:
+            missing = [f for f in fields if f not in entry]
+            if missing:
+                raise AnnotationError(f"{name}: an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
+    if not gt["categories"]:
+        raise AnnotationError(f"{name}: the categories list is empty")
+    images = {image["id"] for image in gt["images"]}
+    categories = {c["id"] for c in gt["categories"]}
+    for ann in gt["annotations"]:
+        if ann["category_id"] not in categories:
+            raise AnnotationError(
+                f"{name}: annotation {ann['id']} has category_id {ann['category_id']}, "
+                f"which is not in the categories list {sorted(categories)}"
+            )
+        if ann["image_id"] not in images:
+            raise AnnotationError(f"{name}: annotation {ann['id']} refers to image_id {ann['image_id']}, not in images")
+    return name, gt
+
+
+def _check_ground_truth(name: str, data: dict, iou_type: str) -> None:
+    """The fields COCOeval reads beyond those :func:`read_coco` requires."""
+    needed = ("area", "iscrowd", "segmentation") if iou_type == "segm" else ("area", "iscrowd")
+    for ann in data["annotations"]:
+        missing = [f for f in needed if f not in ann]
+        if missing:
+            raise AnnotationError(f"{name}: annotation {ann['id']} lacks {missing}, needed for '{iou_type}' evaluation")
+    if iou_type == "segm":
+        for image in data["images"]:
+            if "height" not in image or "width" not in image:
+                raise AnnotationError(f"{name}: image {image['id']} lacks 'height'/'width', needed for masks")
+
+
+def _load_results(results: str | Path | list) -> tuple[str, list]:
+    """``(name, results)``, the list read from a results JSON file or given directly."""
+    if isinstance(results, str | Path):
+        path = Path(results)
+        if not path.is_file():
+            raise ResultsError(f"{path}: results file not found")
+        try:
+            results = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ResultsError(f"{path}: not valid JSON ({error})") from error
+        name = str(path)
+    else:
+        name = "results (list)"
+    if not isinstance(results, list):
+        raise ResultsError(
+            f"{name}: expected a JSON list of results (objects with image_id, category_id, score and bbox or "
+            f"segmentation), got {type(results).__name__}"
+        )
+    return name, results
+
+
+def _check_results(name: str, results: list, gt: dict, iou_type: str) -> None:
+    """Every result is an object with the keys of ``iou_type``, valid values, and known image and category
+    ids (pycocotools would assert on unknown images and silently skip unknown categories)."""
+    images = {image["id"]: image for image in gt["images"]}
+    categories = {c["id"] for c in gt["categories"]}
+    unknown_images, unknown_categories = set(), set()
+    for index, result in enumerate(results):
+        where = f"{name}: result {index}"
+        if not isinstance(result, dict):
+            raise ResultsError(f"{where} is not an object: {str(result)[:200]}")
+        missing = [key for key in RESULT_KEYS[iou_type] if key not in result]
+        if missing:
+            raise ResultsError(f"{where} lacks {missing} (needed for '{iou_type}' evaluation): {str(result)[:200]}")
+        if not _is_number(result["score"]):
+            raise ResultsError(f"{where} has score {result['score']!r}, not a finite number")
+        image = images.get(result["image_id"]) if _hashable(result["image_id"]) else None
+        if image is None:
+            unknown_images.add(repr(result["image_id"]))
+            continue
+        if not _hashable(result["category_id"]) or result["category_id"] not in categories:
+            unknown_categories.add(repr(result["category_id"]))
+        if iou_type == "bbox":
+            bbox = result["bbox"]
+            if not (isinstance(bbox, list | tuple) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+                raise ResultsError(f"{where} has bbox {str(bbox)[:200]}, not 4 finite numbers [x, y, width, height]")
+            if bbox[2] < 0 or bbox[3] < 0:
+                raise ResultsError(f"{where} has bbox {list(bbox)} with a negative width or height")
+        else:
+            rle = result["segmentation"]
+            if not (
+                isinstance(rle, dict)
+                and isinstance(rle.get("counts"), str | bytes)
+                and isinstance(rle.get("size"), list | tuple)
+            ):
+                raise ResultsError(
+                    f"{where} has segmentation {str(rle)[:100]}, not a compressed RLE {{'size': [h, w], 'counts': str}}"
+                )
+            if list(rle["size"]) != [image["height"], image["width"]]:
+                raise ResultsError(
+                    f"{where} has a mask of size {rle['size']} for image {image['id']} of size "
+                    f"{[image['height'], image['width']]} (height, width)"
+                )
+    if unknown_images:
+        raise ResultsError(f"{name}: image_id {_listed(unknown_images)} not in the ground-truth images")
+    if unknown_categories:
+        raise ResultsError(
+            f"{name}: category_id {_listed(unknown_categories)} not in the categories {sorted(categories)}"
+        )
+
+
+def coco_evaluate(
+    gt: str | Path | dict, results: str | Path | list, iou_type: str, verbose: bool = False
+) -> dict[str, float]:
+    """COCO AP and AR of ``results`` against ``gt``, computed by pycocotools' ``COCOeval``.
+
+    Args:
+        gt: COCO instances JSON file, or its content as a dict.
+        results: COCO results JSON file, or its content: a list of dicts with ``image_id``,
+            ``category_id``, ``score`` and ``bbox`` ``[x, y, w, h]`` (``iou_type="bbox"``) or
+            ``segmentation`` (compressed RLE, ``iou_type="segm"``). Not modified.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        verbose: let pycocotools print its progress and summary table.
+
+    Returns:
+        ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl``: ``COCOeval.stats`` in that
+        order, as floats in [0, 1], or -1 where pycocotools gives -1 (no ground truth in that area range).
+
+    Raises:
+        AnnotationError: a bad ground-truth file. ResultsError: a bad results file or entry.
+        Both are ``ValueError``s whose message names the file and the problem.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
+    gt_name, gt_data = _load_ground_truth(gt)
+    _check_ground_truth(gt_name, gt_data, iou_type)
+    results_name, results = _load_results(results)
+    _check_results(results_name, results, gt_data, iou_type)
+
+    # pycocotools writes into both (ids, areas, RLEs): work on copies of what the caller passed in
+    if isinstance(gt, dict):
+        gt_data = copy.deepcopy(gt_data)
+    results = copy.deepcopy(results)
+    if iou_type == "segm":  # mask areas, not box areas, for the area ranges (see the module docstring)
+        for result in results:
+            result.pop("bbox", None)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        coco_gt = COCO()
+        coco_gt.dataset = gt_data
+        coco_gt.createIndex()
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes fails on an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {
+                "images": list(gt_data["images"]),
+                "categories": gt_data["categories"],
+                "annotations": [],
+            }
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+
+def to_coco_results(
+    image_id: int,
+    boxes_xyxy: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    label_to_category: Sequence[int] | Mapping[int, int] | None = None,
+) -> list[dict]:
+    """One image's predictions as COCO result dicts, ready for :func:`coco_evaluate` or ``json.dump``.
+
+    Args:
+        image_id: the image's id in the COCO ground truth.
+        boxes_xyxy: ``(N, 4)`` boxes, XYXY in absolute pixels.
+        scores: ``(N,)`` confidences.
+        labels: ``(N,)`` contiguous labels ``0..C-1``.
+        masks: optional ``(N, H, W)`` boolean masks (``H, W`` the image's size in the ground truth).
+        label_to_category: the COCO category id of each label, as a list (indexed by label) or a dict;
+            ``None``: the labels are the category ids.
+
+    Returns:
+        ``N`` dicts: ``image_id``, ``category_id`` (int), ``score`` (float), ``bbox`` ``[x, y, w, h]``
+        (floats) and, with ``masks``, ``segmentation``: compressed RLE ``{"size": [H, W], "counts": str}``.
+    """
+    n = len(scores)
+    masks_ok = masks is None or (masks.ndim == 3 and len(masks) == n)
+    if boxes_xyxy.shape != (n, 4) or labels.shape != (n,) or not masks_ok:
+        raise ValueError(
+            f"expected boxes (N, 4), scores (N,), labels (N,), masks (N, H, W); got {tuple(boxes_xyxy.shape)}, "
+            f"{tuple(scores.shape)}, {tuple(labels.shape)}, {None if masks is None else tuple(masks.shape)}"
+        )
+    if n == 0:
+        return []
+    if label_to_category is None:
+        categories = [int(label) for label in labels.tolist()]
+    else:
+        lookup = label_to_category if isinstance(label_to_category, Mapping) else dict(enumerate(label_to_category))
+        unmapped = sorted(set(labels.tolist()) - set(lookup))
+        if unmapped:
+            raise ValueError(f"labels {unmapped} have no category in label_to_category (keys {sorted(lookup)})")
+        categories = [int(lookup[label]) for label in labels.tolist()]
+    boxes_xywh = box_convert(boxes_xyxy.detach().to("cpu", torch.float64), "xyxy", "xywh").tolist()
+    results = [
+        {"image_id": int(image_id), "category_id": category, "score": float(score), "bbox": box}
+        for category, score, box in zip(categories, scores.tolist(), boxes_xywh, strict=True)
+    ]
+    if masks is not None:
+        from pycocotools import mask as mask_utils
+
+        # pycocotools encodes a Fortran-ordered (H, W, N) uint8 array
+        stacked = np.asfortranarray(masks.detach().to("cpu", torch.uint8).numpy().transpose(1, 2, 0))
+        for result, rle in zip(results, mask_utils.encode(stacked), strict=True):
+            result["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return results

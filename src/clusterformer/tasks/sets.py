@@ -1,0 +1,354 @@
+"""Object detection and instance segmentation: a thin LightningModule around ``ClusterFormerSets`` and a
+COCO data module.
+
+Validation gathers the COCO-format predictions of every process, scores them with pycocotools
+(``metrics.coco``) on the images that were evaluated, and logs AP, AP50, AP75, APs, APm, APl under
+``val/bbox_*`` (detection) or ``val/segm_*`` and ``val/bbox_*`` (instance; boxes enclose the masks).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchvision.ops import box_convert
+
+import clusterformer  # noqa: F401  (registers the models with timm)
+
+from ..data import transforms
+from ..data.coco import CocoInstances, read_coco
+from ..heads import build_set_model, detection_postprocess, instance_postprocess
+from ..losses import SetCriterion, detection_criterion, instance_criterion
+from ..matching import HungarianMatcher
+from ..metrics.coco import coco_evaluate, to_coco_results
+from .rng import restore_rng_states, rng_states
+
+TASKS = ("detection", "instance")
+METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def pad_batch(images: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
+    """Stack ``(3, H_i, W_i)`` images into ``(B, 3, H, W)``, zero-padded at the bottom and right to
+    the largest size rounded up to ``divisor`` (so every stride of the model divides the batch)."""
+    h = math.ceil(max(image.shape[-2] for image in images) / divisor) * divisor
+    w = math.ceil(max(image.shape[-1] for image in images) / divisor) * divisor
+    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+    for out, image in zip(batch, images, strict=True):
+        out[:, : image.shape[-2], : image.shape[-1]].copy_(image)
+    return batch
+
+
+def collate_sets(samples: list[tuple[torch.Tensor, dict]], drop_crowds: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    """Pad the images (``pad_batch``) and turn each target into the loss' layout: ``labels``,
+    ``boxes`` normalised ``cxcywh`` relative to the image, ``masks`` bool at the padded size, plus
+    ``size`` (the image's ``(h, w)`` in the batch), ``orig_size`` and ``image_id``. Crowd regions are
+    left out of the training targets (as DETR and Mask2Former do) when ``drop_crowds``."""
+    images = pad_batch([image for image, _ in samples])
+    _, _, ph, pw = images.shape
+    targets = []
+    for image, target in samples:
+        h, w = image.shape[-2:]
+        keep = target["iscrowd"] == 0 if drop_crowds else torch.ones_like(target["labels"], dtype=torch.bool)
+        boxes = box_convert(target["boxes"].as_subclass(torch.Tensor)[keep].float(), "xyxy", "cxcywh")
+        out = {
+            "labels": target["labels"][keep],
+            "boxes": boxes / torch.tensor([w, h, w, h], dtype=boxes.dtype),
+            "size": (h, w),
+            "orig_size": target.get("orig_size", (h, w)),
+            "image_id": target["image_id"],
+        }
+        if "masks" in target:
+            masks = target["masks"].as_subclass(torch.Tensor)[keep].bool()
+            out["masks"] = F.pad(masks, (0, pw - w, 0, ph - h))
+        targets.append(out)
+    return images, targets
+
+
+class CocoData(L.LightningDataModule):
+    """COCO instances (boxes, and masks for instance segmentation) with the paper's dense transforms.
+
+    Args:
+        root: dataset folder; the other paths are relative to it.
+        train_images, train_annotations, val_images, val_annotations: COCO layout.
+        masks: decode the instance masks (instance segmentation).
+        crop, scale_range: training scale jitter and crop (COCO: 1024, [0.1, 2.0]).
+        test_shorter_side, test_max_size: test resize (COCO: 800, 1333).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/instances_train2017.json",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/instances_val2017.json",
+        masks: bool = False,
+        crop: int = 1024,
+        scale_range: tuple[float, float] = (0.1, 2.0),
+        test_shorter_side: int = 800,
+        test_max_size: int = 1333,
+        batch_size: int = 2,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.val_annotation_file = self.root / val_annotations
+        self.categories = sorted(read_coco(self.val_annotation_file)["categories"], key=lambda c: c["id"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def classes(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    def describe(self) -> str:
+        return str(self.val_annotation_file)
+
+    def _dataset(self, train: bool) -> CocoInstances:
+        h = self.hparams
+        if train:
+            transform = transforms.dense_train(h.crop, tuple(h.scale_range))
+            return CocoInstances(self.root / h.train_images, self.root / h.train_annotations, transform, h.masks)
+        transform = transforms.dense_eval(h.test_shorter_side, h.test_max_size)
+        return CocoInstances(self.root / h.val_images, self.val_annotation_file, transform, h.masks)
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_sets,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(train=True), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._dataset(train=False), train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+
+def joint_criterion(
+    num_classes: int,
+    *,
+    class_weight: float = 2.0,
+    bbox_weight: float = 5.0,
+    giou_weight: float = 2.0,
+    mask_weight: float = 5.0,
+    dice_weight: float = 5.0,
+    num_points: int = 12544,
+) -> SetCriterion:
+    """Boxes and masks together: the detection and instance weights, used as losses and matching costs."""
+    matcher = HungarianMatcher(
+        cost_class=class_weight, cost_bbox=bbox_weight, cost_giou=giou_weight, cost_mask=mask_weight,
+        cost_dice=dice_weight, num_points=num_points,
+    )  # fmt: skip
+    weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
+               "loss_mask": mask_weight, "loss_dice": dice_weight}  # fmt: skip
+    return SetCriterion(num_classes, matcher, weights, ("labels", "boxes", "masks"), num_points=num_points)
+
+
+def step_decay(step: int, warmup_steps: int, total_steps: int, milestones: tuple[float, ...]) -> float:
+    """Learning-rate factor: linear warm-up, then x0.1 at each milestone (fractions of the run)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.1 ** sum(step >= m * total_steps for m in milestones)
+
+
+class SetTask(L.LightningModule):
+    """Detection (``task="detection"``: boxes, focal class loss + L1 + GIoU) or instance segmentation
+    (``task="instance"``: masks, focal class loss + point-sampled BCE + dice) with ClusterFormer.
+
+    Args:
+        task: ``"detection"`` or ``"instance"``.
+        backbone: a registered ClusterFormer (``clusterformer_{nano,tiny,small}``).
+        num_classes: thing classes; must match the dataset.
+        decoder: options of ``build_set_model`` (``num_queries``, ``dim``, ``mask_dim``, ``num_layers``,
+            ``num_heads``, ``iterations``, ``ffn_dim``, ``dropout``, ``query_init``).
+        backbone_kwargs: options of the backbone (``drop_path_rate``; ImageNet weights via
+            ``pretrained: true`` and ``pretrained_cfg_overlay: {file: ...}``).
+        loss: options of the criterion (``num_points`` etc.).
+        lr, backbone_lr_mult, weight_decay: AdamW; the backbone learns at ``lr * backbone_lr_mult``.
+        warmup_steps, lr_milestones: linear warm-up, then x0.1 at these fractions of training.
+        top_k: detections kept per image.
+        predict_boxes: for ``task="instance"``, also regress boxes (box head, L1 + GIoU losses and costs)
+            and report the box head's AP as the detection result; otherwise the instance model's boxes
+            are the boxes enclosing its masks. One model then does both tasks (used by the demo).
+    """
+
+    def __init__(
+        self,
+        task: str = "detection",
+        backbone: str = "clusterformer_tiny",
+        num_classes: int = 80,
+        decoder: dict | None = None,
+        backbone_kwargs: dict | None = None,
+        loss: dict | None = None,
+        lr: float = 1e-4,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 10,
+        lr_milestones: tuple[float, ...] = (0.9, 0.95),
+        top_k: int = 100,
+        predict_boxes: bool = False,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.save_hyperparameters()
+        masks = task == "instance"
+        boxes = not masks or predict_boxes
+        self.model = build_set_model(
+            backbone, num_classes, boxes=boxes, masks=masks, backbone_kwargs=backbone_kwargs, **(decoder or {})
+        )
+        self.criterion = (
+            joint_criterion(num_classes, **(loss or {}))
+            if masks and boxes
+            else (instance_criterion if masks else detection_criterion)(num_classes, **(loss or {}))
+        )
+        self._predictions: dict[int, list[dict]] = {}
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != self.hparams.num_classes:
+            raise ValueError(
+                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} categories"
+            )
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        losses = self.criterion(self(images), targets)
+        loss = self.criterion.weighted_total(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
+                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        for name, value in losses.items():
+            if not name[-1].isdigit():  # the final layer's terms (aux layers end in _0, _1, ...)
+                self.log(f"train/{name}", value, batch_size=len(targets))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
+        return loss
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict]:
+        """Per-image detections in original-image pixels (see ``heads.postprocess``)."""
+        outputs = self(images)
+        output_sizes = [t["orig_size"] for t in targets]
+        top_k = self.hparams.top_k
+        if self.hparams.task == "detection":
+            return detection_postprocess(outputs["logits"], outputs["boxes"], output_sizes, top_k)
+        input_sizes = [t["size"] for t in targets]
+        results = instance_postprocess(outputs["logits"], outputs["masks"], input_sizes, output_sizes, top_k)
+        if "boxes" in outputs:  # the box head's boxes for the box results, with the class scores
+            for result, box_result in zip(
+                results, detection_postprocess(outputs["logits"], outputs["boxes"], output_sizes, top_k), strict=True
+            ):
+                result["box_results"] = box_result
+        return results
+
+    def _evaluate_batch(self, batch) -> None:
+        images, targets = batch
+        categories = self._label_to_category()
+        for target, result in zip(targets, self.predict_batch(images, targets), strict=True):
+            image_id = int(target["image_id"])
+            records = {"bbox": [], "segm": []}
+            if "masks" in result:
+                records["segm"] = to_coco_results(
+                    image_id, result["boxes"].cpu(), result["scores"].cpu(), result["labels"].cpu(),
+                    masks=result["masks"].cpu(), label_to_category=categories,
+                )  # fmt: skip
+            box = result.get("box_results", result)
+            records["bbox"] = to_coco_results(
+                image_id, box["boxes"].cpu(), box["scores"].cpu(), box["labels"].cpu(), label_to_category=categories
+            )
+            self._predictions[image_id] = records
+
+    def _label_to_category(self) -> dict[int, int] | None:
+        data = getattr(self.trainer, "datamodule", None)
+        categories = getattr(data, "categories", None)
+        return {i: c["id"] for i, c in enumerate(categories)} if categories else None
+
+    def _score(self, split: str) -> None:
+        predictions = self._predictions
+        self._predictions = {}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, predictions)
+            predictions = {k: v for part in gathered for k, v in part.items()}  # padded duplicates collapse
+        data = self.trainer.datamodule
+        gt = read_coco(data.val_annotation_file)
+        seen = set(predictions)
+        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in seen]}
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
+        iou_types = ("segm", "bbox") if self.hparams.task == "instance" else ("bbox",)
+        for iou_type in iou_types:
+            results = [r for records in predictions.values() for r in records[iou_type]]
+            stats = coco_evaluate(gt, results, iou_type)
+            for key in METRIC_KEYS:
+                self.log(f"{split}/{iou_type}_{key}", float(stats[key]), prog_bar=key == "AP50", sync_dist=False)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._score("val")
+        self._predictions = {}
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate_batch(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch, batch_idx):
+        images, targets = batch
+        return self.predict_batch(images, targets)
+
+    # --- optimisation -----------------------------------------------------------------------------
+    def configure_optimizers(self):
+        h = self.hparams
+        backbone_no_decay = {f"backbone.{n}" for n in getattr(self.model.backbone, "no_weight_decay", set)()}
+        groups = {}
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_backbone = name.startswith("backbone.")
+            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
+            key = (is_backbone, decay)
+            if key not in groups:
+                lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
+                groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
+            groups[key]["params"].append(param)
+        optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])

@@ -1,0 +1,171 @@
+"""The clustering decoder and the set-prediction model: equations against slow loops, shapes, gradients."""
+
+import math
+
+import pytest
+import torch
+
+import clusterformer  # noqa: F401
+from clusterformer.heads import (
+    ClusteringDecoder,
+    ClusteringDecoderLayer,
+    build_set_model,
+    detection_postprocess,
+    instance_postprocess,
+    sine_position,
+)
+
+NANO_DECODER = dict(dim=32, mask_dim=32, num_heads=4, ffn_dim=64, num_layers=3)
+
+
+def test_sine_position_matches_formula(float64):
+    h, w, dim = 3, 5, 8
+    pos = sine_position(h, w, dim, dtype=torch.float64)
+    quarter = dim // 4
+    for y in range(h):
+        for x in range(w):
+            row = pos[y * w + x]
+            for j in range(quarter):
+                f = 10000 ** (j / quarter)
+                ay, ax = (y + 0.5) / h * 2 * math.pi, (x + 0.5) / w * 2 * math.pi
+                assert row[2 * j].item() == pytest.approx(math.sin(ay / f), abs=1e-6)
+                assert row[2 * j + 1].item() == pytest.approx(math.cos(ay / f), abs=1e-6)
+                assert row[dim // 2 + 2 * j].item() == pytest.approx(math.sin(ax / f), abs=1e-6)
+                assert row[dim // 2 + 2 * j + 1].item() == pytest.approx(math.cos(ax / f), abs=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_decoder_clustering_is_eq4_with_the_mean_mass_scale(float64, iterations):
+    """C <- C + softmax_K(Q_C K_I^T / sqrt(d)) (K/N) V_I, T times, with the same projections, per head."""
+    torch.manual_seed(0)
+    b, k, n, dim, heads = 2, 5, 7, 8, 2
+    layer = ClusteringDecoderLayer(dim, num_heads=heads, iterations=iterations, ffn_dim=16)
+    queries, memory, pos = torch.randn(b, k, dim), torch.randn(b, n, dim), torch.randn(n, dim)
+    with torch.no_grad():
+        update, assignments = layer.cluster(queries, memory, pos)
+        check_slow(layer.clustering, queries, memory, pos, update, assignments, iterations)
+
+
+def check_slow(c, queries, memory, pos, update, assignments, iterations):
+    b, k, dim = queries.shape
+    n, heads = memory.shape[1], c.num_heads
+    d = dim // heads
+    for i in range(b):
+        keys_all = (memory[i] + pos) @ c.k.weight.T + c.k.bias  # (n, heads*d)
+        values_all = memory[i] @ c.v.weight.T + c.v.bias
+        for h in range(heads):
+            keys, values = keys_all[:, h * d : (h + 1) * d], values_all[:, h * d : (h + 1) * d]
+            centers = [queries[i, j, h * d : (h + 1) * d].clone() for j in range(k)]
+            start = [ctr.clone() for ctr in centers]
+            for _ in range(iterations):
+                q = [c.q.weight @ ctr + c.q.bias for ctr in centers]
+                logits = torch.tensor([[float(keys[p] @ q[j]) / math.sqrt(d) for j in range(k)] for p in range(n)])
+                assign = logits.softmax(dim=1)  # over the clusters
+                centers = [centers[j] + sum(assign[p, j] * values[p] * k / n for p in range(n)) for j in range(k)]
+            for j in range(k):
+                torch.testing.assert_close(update[i, j, h * d : (h + 1) * d], centers[j] - start[j])
+            torch.testing.assert_close(assignments[i, h], assign)
+            torch.testing.assert_close(assignments[i, h].sum(-1), torch.ones(n))
+
+
+def features_for(encoder_dims=(8, 16, 24, 32), b=2, hw=(64, 96)):
+    return [
+        torch.randn(b, c, math.ceil(hw[0] / s), math.ceil(hw[1] / s))
+        for c, s in zip(encoder_dims, (4, 8, 16, 32), strict=True)
+    ]
+
+
+def test_decoder_visits_the_levels_in_turn_and_returns_every_layer():
+    torch.manual_seed(0)
+    decoder = ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=6, **NANO_DECODER)
+    seen = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append(args[2].shape[1]))
+    states, mask_features = decoder(features_for(), torch.randn(2, 6, 12))
+    assert len(states) == 3 and all(s.shape == (2, 6, 32) for s in states)
+    assert mask_features.shape == (2, 32, 16, 24)
+    assert seen == [2 * 3, 4 * 6, 8 * 12]  # strides 32, 16, 8
+
+
+def test_query_initialisation_from_encoder_centers_or_free():
+    torch.manual_seed(0)
+    feats = features_for()
+    centers = torch.randn(2, 6, 12)
+    encoder = ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=6, **NANO_DECODER)
+    q = encoder.initial_queries(centers, 2)
+    assert not torch.allclose(q[0], q[1])  # image-dependent
+    torch.testing.assert_close(q, encoder.center_proj(centers))
+    more = ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=10, **NANO_DECODER)
+    assert more.initial_queries(centers, 2).shape == (2, 10, 32)
+    free = ClusteringDecoder((8, 16, 24, 32), center_dim=12, query_init="free", **NANO_DECODER)
+    qf = free.initial_queries(None, 2)
+    torch.testing.assert_close(qf[0], qf[1])
+    free(feats)  # needs no centers
+    with pytest.raises(ValueError, match="query_init"):
+        ClusteringDecoder((8, 16, 24, 32), center_dim=12, query_init="random", **NANO_DECODER)
+    with pytest.raises(ValueError, match="centers"):
+        encoder(feats)
+
+
+@pytest.mark.parametrize(
+    "kind, hw",
+    [(dict(boxes=True), (64, 96)), (dict(boxes=False, masks=True), (70, 45)), (dict(boxes=True, masks=True), (64, 64))],
+)
+def test_set_model_outputs_and_every_parameter_learns(kind, hw):
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, num_queries=100, **NANO_DECODER, **kind)
+    out = model(torch.randn(2, 3, *hw))
+    assert out["logits"].shape == (2, 100, 3)
+    assert len(out["aux"]) == NANO_DECODER["num_layers"] - 1
+    if kind.get("boxes"):
+        assert out["boxes"].shape == (2, 100, 4) and ((out["boxes"] >= 0) & (out["boxes"] <= 1)).all()
+    if kind.get("masks"):
+        assert out["masks"].shape == (2, 100, math.ceil(hw[0] / 4), math.ceil(hw[1] / 4))
+    else:
+        assert "masks" not in out
+    total = sum(v.float().square().mean() for layer in [out, *out["aux"]] for k, v in layer.items() if k != "aux")
+    total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_encoder_centers_reach_the_queries():
+    """With query_init='encoder' the decoder's output depends on the backbone's last cluster centers."""
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, **NANO_DECODER)
+    images = torch.randn(1, 3, 64, 64)
+    features, centers = model.backbone.forward_dense(images)
+    assert centers.shape == (1, 100, 256)
+    a = model.decoder(features, centers)[0][-1]
+    b = model.decoder(features, centers + 1.0)[0][-1]
+    assert not torch.allclose(a, b)
+
+
+def test_detection_postprocess_top_k_over_queries_and_classes():
+    logits = torch.tensor([[[2.0, -1.0], [0.5, 3.0], [-2.0, -3.0]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.25, 0.75, 0.5, 0.5], [0.1, 0.1, 0.1, 0.1]]])
+    (out,) = detection_postprocess(logits, boxes, [(100, 200)], top_k=3)
+    torch.testing.assert_close(out["scores"], torch.tensor([3.0, 2.0, 0.5]).sigmoid())
+    assert out["labels"].tolist() == [1, 0, 0]
+    torch.testing.assert_close(out["boxes"][0], torch.tensor([0.0, 50.0, 100.0, 100.0]))  # clamped to the image
+    torch.testing.assert_close(out["boxes"][1], torch.tensor([80.0, 30.0, 120.0, 70.0]))
+
+
+def test_instance_postprocess_scores_are_class_times_mean_mask_probability():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 4, 2)
+    masks = torch.randn(1, 4, 6, 8) * 3
+    (out,) = instance_postprocess(logits, masks, input_sizes=[(20, 28)], output_sizes=[(40, 56)], top_k=5)
+    assert out["masks"].shape == (5, 40, 56) and out["masks"].dtype == torch.bool
+    flat = logits[0].sigmoid().flatten()
+    order = flat.argsort(descending=True)[:5]
+    for i, index in enumerate(order.tolist()):
+        query, label = divmod(index, 2)
+        up = torch.nn.functional.interpolate(masks[:, query : query + 1], size=(24, 32), mode="bilinear")[..., :20, :28]
+        up = torch.nn.functional.interpolate(up, size=(40, 56), mode="bilinear")[0, 0]
+        prob = up.sigmoid()
+        binary = prob > 0.5
+        expected = flat[index] * (prob[binary].sum() / (binary.sum() + 1e-6))
+        assert out["labels"][i] == label
+        assert torch.equal(out["masks"][i], binary)
+        torch.testing.assert_close(out["scores"][i], expected)
