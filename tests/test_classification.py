@@ -1,6 +1,5 @@
 """Classification end to end: the CLI on a config, resuming, faults, the demo."""
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -10,7 +9,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from clusterformer.cli import main
 from clusterformer.data import THINGS, make_shapes
-from clusterformer.demo import run_demo
 from clusterformer.tasks import ClassificationTask, ImageFolderData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,16 +100,6 @@ def test_resume_continues_exactly(crops, tmp_path):
     assert second.global_step == 6 and second.current_epoch == 2
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
-
-
-def test_demo_writes_a_report(tmp_path):
-    metrics = run_demo(tmp_path, seed=1, num_workers=0, num_train=16, num_val=6, size=48, epochs=1)
-    report = tmp_path / "report"
-    assert json.loads((report / "metrics.json").read_text()) == metrics
-    for name in ("training_curve.png", "predictions.png", "report.md"):
-        assert (report / name).stat().st_size > 0
-    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
-    assert 0 <= metrics["trained"]["val/top1"] <= 1
 
 
 def test_missing_training_folder_is_named(tmp_path):

@@ -3,6 +3,16 @@
 Every measurement (one model, inference or training) runs in a fresh child process so that its
 peak memory is its own, and the models are interleaved round by round so that drift of a shared
 machine affects all of them alike. Speed ratios are taken against the peer of the same run.
+
+Model names (``build``):
+
+* timm classification models, ClusterFormer's included (``clusterformer_tiny``, ``swin_tiny_patch4_window7_224``);
+* ClusterFormer dense models ``clusterformer_{nano,tiny,small}_{detection,instance,panoptic}``
+  (``heads.sets.build_set_model``, COCO class counts, 100 queries);
+* their peers from the ``transformers`` package, random weights, nothing downloaded:
+  ``mask2former_swin_{tiny,small}`` (80 classes; ``_panoptic`` appended: 133) and ``detr_swin_{tiny,small}``.
+
+Dense models are measured for inference only.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -25,11 +36,36 @@ DEFAULT_MODELS = (
     "clusterformer_small",
     "swin_small_patch4_window7_224",
 )
+DENSE_TASKS = ("detection", "instance", "panoptic")
+# the default dense set (batch 1, both sizes): every ClusterFormer-T task model and its transformers peer
+DENSE_MODELS = (
+    "clusterformer_tiny_detection",
+    "detr_swin_tiny",
+    "clusterformer_tiny_instance",
+    "mask2former_swin_tiny",
+    "clusterformer_tiny_panoptic",
+)
+DENSE_SIZES = ((512, 512), (800, 1216))
+# detection -> DETR, instance and panoptic -> Mask2Former (one Mask2Former measured for both: the
+# 133-class peer differs from the 80-class one only by 53 rows of its class layer)
 PEERS = {
     "clusterformer_nano": "swin_tiny_patch4_window7_224",
     "clusterformer_tiny": "swin_tiny_patch4_window7_224",
     "clusterformer_small": "swin_small_patch4_window7_224",
+    **{
+        f"clusterformer_{size}_{task}": f"{'detr' if task == 'detection' else 'mask2former'}_swin_{peer_size}"
+        for size, peer_size in (("nano", "tiny"), ("tiny", "tiny"), ("small", "small"))
+        for task in DENSE_TASKS
+    },
 }
+BENCH_EXTRA = "pip install clusterformer[bench]"
+COCO_CLASSES = {"detection": 80, "instance": 80, "panoptic": 133}
+
+_CLUSTERFORMER_DENSE = re.compile(r"(clusterformer_(?:nano|tiny|small))_(detection|instance|panoptic)")
+_TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin_(tiny|small)(_panoptic)?)")
+_SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
+
+ImageSize = int | tuple[int, int]
 
 
 @dataclass
@@ -79,7 +115,88 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def dense_task(name: str) -> str | None:
+    """``"detection"``, ``"instance"`` or ``"panoptic"`` for a dense model name, ``None`` for a classifier."""
+    if match := _CLUSTERFORMER_DENSE.fullmatch(name):
+        return match[2]
+    if match := _TRANSFORMERS_PEER.fullmatch(name):
+        return "detection" if match[1] else ("panoptic" if match[5] else "instance")
+    return None
+
+
+def image_hw(img_size: ImageSize) -> tuple[int, int]:
+    """``224`` or ``(800, 1216)`` -> ``(height, width)``."""
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
+def parse_img_size(text: str) -> ImageSize:
+    """``"512"`` -> ``512``; ``"800x1216"`` (height x width) -> ``(800, 1216)``."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise ValueError(f"image size must be N or HxW with positive integers, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def _size_text(img_size: ImageSize) -> str:
+    height, width = image_hw(img_size)
+    return f"{height}x{width}"
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(f"the Mask2Former and DETR peers need the transformers package: {BENCH_EXTRA}") from error
+    return transformers
+
+
+def require_transformers(models) -> None:
+    """Raise the ``pip install clusterformer[bench]`` error now if any of ``models`` needs transformers."""
+    if any(_TRANSFORMERS_PEER.fullmatch(name) for name in models):
+        _import_transformers()
+
+
+def _build_transformers_peer(match: re.Match, **config_kwargs) -> torch.nn.Module:
+    """Mask2Former (Swin backbone, all four stages to its pixel decoder) or DETR (Swin backbone, its
+    stride-32 stage), built from configs with random weights. ``transformers`` builds a backbone given by
+    ``backbone_config`` from that config alone; ``use_pretrained_backbone=False`` (and for DETR
+    ``use_timm_backbone=False``) keep the older 4.x releases from fetching ImageNet weights."""
+    transformers = _import_transformers()
+    detr, detr_size, _, mask2former_size, panoptic = match.groups()
+    size = detr_size or mask2former_size
+    swin = transformers.SwinConfig(
+        embed_dim=96,
+        depths=_SWIN_DEPTHS[size],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
+        out_features=["stage4"] if detr else ["stage1", "stage2", "stage3", "stage4"],
+    )
+    common = dict(backbone_config=swin, num_queries=100, use_pretrained_backbone=False)
+    if detr:
+        config = transformers.DetrConfig(**common, num_labels=80, use_timm_backbone=False, **config_kwargs)
+        return transformers.DetrForObjectDetection(config)
+    config = transformers.Mask2FormerConfig(**common, num_labels=133 if panoptic else 80, **config_kwargs)
+    return transformers.Mask2FormerForUniversalSegmentation(config)
+
+
 def build(name: str, **model_kwargs) -> torch.nn.Module:
+    """The model called ``name`` (see the module docstring), random weights; ``model_kwargs`` go to
+    ``timm.create_model``, ``build_set_model`` or the transformers config."""
+    if match := _CLUSTERFORMER_DENSE.fullmatch(name):
+        from .heads.sets import build_set_model
+
+        backbone, task = match.groups()
+        # panoptic: the instance model with COCO panoptic's 133 classes, until a panoptic head exists
+        set_kwargs = dict(
+            num_classes=COCO_CLASSES[task], boxes=task == "detection", masks=task != "detection", num_queries=100
+        )
+        return build_set_model(backbone, **{**set_kwargs, **model_kwargs})
+    if match := _TRANSFORMERS_PEER.fullmatch(name):
+        return _build_transformers_peer(match, **model_kwargs)
     import timm
 
     import clusterformer  # noqa: F401  (registers the models with timm)
@@ -87,16 +204,30 @@ def build(name: str, **model_kwargs) -> torch.nn.Module:
     return timm.create_model(name, **{"num_classes": 1000, **model_kwargs})
 
 
-def count_gmacs(name: str, img_size: int, **model_kwargs) -> tuple[float, float]:
+def _sdpa_macs_formula():
+    """FlopCounterMode counts ``scaled_dot_product_attention`` on CUDA but not its CPU kernel, which the
+    dense models (query self-attention, transformers' Swin windows, DETR) run; count it the same way."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def formula(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: formula}
+
+
+def count_gmacs(name: str, img_size: ImageSize, **model_kwargs) -> tuple[float, float]:
     """Parameters (M) and multiply-accumulates (G) of one image, from ``torch.utils.flop_counter``
-    (matrix products and convolutions; FLOPs / 2)."""
+    (matrix products, convolutions and attention; FLOPs / 2). Not counted: element-wise operations,
+    normalisations, softmax, interpolation and ``grid_sample`` (Mask2Former's deformable attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = build(name, **model_kwargs).eval()
+    # no parameter may require gradients: FlopCounterMode's module hooks fail on a parameter passed as
+    # a module's input (the decoder's query positions) under no_grad
+    model = build(name, **model_kwargs).eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_sdpa_macs_formula())
     with torch.no_grad(), counter:
-        model(torch.randn(1, 3, img_size, img_size))
+        model(torch.randn(1, 3, *image_hw(img_size)))
     return params, counter.get_total_flops() / 2 / 1e9
 
 
@@ -105,12 +236,14 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def workload(name: str, mode: str, batch: int, img_size: int, device: str = "cpu", amp: bool = False):
+def workload(name: str, mode: str, batch: int, img_size: ImageSize, device: str = "cpu", amp: bool = False):
     """A callable running one inference pass (``mode="infer"``) or one training step (forward,
-    cross-entropy, backward, AdamW) of ``name`` on random images."""
+    cross-entropy, backward, AdamW) of ``name`` on random images. Dense models: inference only."""
+    if mode == "train" and dense_task(name):
+        raise ValueError(f"{name}: the training step is measured for classification models only")
     torch.manual_seed(0)
     model = build(name).to(device)
-    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    images = torch.randn(batch, 3, *image_hw(img_size), device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
     if mode == "train":
@@ -134,7 +267,7 @@ def workload(name: str, mode: str, batch: int, img_size: int, device: str = "cpu
     return run
 
 
-def _measure(name: str, mode: str, batch: int, img_size: int, warmup: int, iters: int, device: str, amp: bool):
+def _measure(name: str, mode: str, batch: int, img_size: ImageSize, warmup: int, iters: int, device: str, amp: bool):
     """Child process: time ``iters`` inference passes or training steps."""
     run = workload(name, mode, batch, img_size, device, amp)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -162,7 +295,7 @@ def _measure(name: str, mode: str, batch: int, img_size: int, warmup: int, iters
 def run_benchmark(
     models=DEFAULT_MODELS,
     batch: int = 8,
-    img_size: int = 224,
+    img_size: ImageSize = 224,
     rounds: int = 3,
     warmup: int = 2,
     iters: int = 5,
@@ -172,7 +305,10 @@ def run_benchmark(
     progress: bool = True,
     peers: dict[str, str] | None = None,
 ) -> dict:
-    """Measure every model, interleaved over ``rounds``; returns a JSON-serialisable report."""
+    """Measure every model, interleaved over ``rounds``; returns a JSON-serialisable report.
+
+    ``img_size`` is a side or ``(height, width)``. ``train`` adds the training step of the
+    classification models; dense models are measured for inference only."""
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -181,8 +317,12 @@ def run_benchmark(
     for name in models:
         params, gmacs = count_gmacs(name, img_size)
         results[name] = ModelResult(name, params, gmacs)
-    modes = ["infer", "train"] if train else ["infer"]
-    jobs = [(r, name, mode) for r in range(rounds) for name in models for mode in modes]
+    jobs = [
+        (r, name, mode)
+        for r in range(rounds)
+        for name in models
+        for mode in (["infer", "train"] if train and not dense_task(name) else ["infer"])
+    ]
     context = mp.get_context("spawn")
     for _, name, mode in tqdm(jobs, desc="benchmark", disable=not progress, unit="run"):
         with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
@@ -209,7 +349,7 @@ def run_benchmark(
     )
 
 
-def profile_model(name: str, mode: str = "infer", batch: int = 8, img_size: int = 224, rows: int = 12) -> str:
+def profile_model(name: str, mode: str = "infer", batch: int = 8, img_size: ImageSize = 224, rows: int = 12) -> str:
     """Where the time of one inference pass or one training step goes, by operator
     (``torch.profiler``, CPU self time), after one warm-up iteration."""
     from torch.profiler import ProfilerActivity, profile
@@ -219,29 +359,34 @@ def profile_model(name: str, mode: str = "infer", batch: int = 8, img_size: int 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=36)
-    return f"{name} ({mode}, batch {batch}, {img_size}x{img_size})\n{table}"
+    return f"{name} ({mode}, batch {batch}, {_size_text(img_size)})\n{table}"
 
 
 def markdown_table(report: dict) -> str:
     def fmt(v, spec, suffix=""):
         return "—" if v is None else format(v, spec) + suffix
 
+    # a run without training figures (dense models, --no-train) leaves the training columns out
+    with_train = any(s["train_img_s"] is not None for s in report["results"])
+    header = ["model", "params (M)", "GMACs", "infer img/s", "vs peer"]
+    header += ["train img/s", "vs peer", "infer peak MiB", "train peak MiB"] if with_train else ["infer peak MiB"]
     lines = [
         f"Machine: {report['machine']}; torch {report['torch']}; {report['dtype']}; batch {report['batch']}, "
-        f"{report['img_size']}x{report['img_size']}; median of {report['rounds']} interleaved rounds x "
+        f"{_size_text(report['img_size'])}; median of {report['rounds']} interleaved rounds x "
         f"{report['iters']} iterations.",
         "",
-        "| model | params (M) | GMACs | infer img/s | vs peer | train img/s | vs peer | infer peak MiB "
-        "| train peak MiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| " + " | ".join(header) + " |",
+        "|" + " --- |" * len(header),
     ]
     for s in report["results"]:
-        lines.append(
-            f"| {s['model']} | {s['params_m']:.2f} | {s['gmacs']:.2f} | {fmt(s['infer_img_s'], '.2f')} "
-            f"| {fmt(s['infer_vs_peer'], '.2f', 'x')} | {fmt(s['train_img_s'], '.2f')} "
-            f"| {fmt(s['train_vs_peer'], '.2f', 'x')} "
-            f"| {fmt(s['infer_peak_mib'], '.0f')} | {fmt(s['train_peak_mib'], '.0f')} |"
-        )
+        cells = [s["model"], f"{s['params_m']:.2f}", f"{s['gmacs']:.2f}"]
+        cells += [fmt(s["infer_img_s"], ".2f"), fmt(s["infer_vs_peer"], ".2f", "x")]
+        if with_train:
+            cells += [fmt(s["train_img_s"], ".2f"), fmt(s["train_vs_peer"], ".2f", "x")]
+        cells.append(fmt(s["infer_peak_mib"], ".0f"))
+        if with_train:
+            cells.append(fmt(s["train_peak_mib"], ".0f"))
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

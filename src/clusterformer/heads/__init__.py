@@ -1,7 +1,13 @@
 """Task heads on the ClusterFormer encoder: the shared clustering decoder and the set-prediction heads."""
 
 from .decoder import QUERY_INITS, ClusteringDecoder, ClusteringDecoderLayer, PixelDecoder, sine_position
-from .postprocess import detection_postprocess, instance_postprocess
+from .postprocess import (
+    detection_postprocess,
+    instance_postprocess,
+    panoptic_postprocess,
+    resize_mask_logits,
+    semantic_postprocess,
+)
 from .sets import MLP, ClusterFormerSets, SetPredictionHead, build_set_model
 
 __all__ = [
@@ -15,5 +21,8 @@ __all__ = [
     "build_set_model",
     "detection_postprocess",
     "instance_postprocess",
+    "panoptic_postprocess",
+    "resize_mask_logits",
+    "semantic_postprocess",
     "sine_position",
 ]
