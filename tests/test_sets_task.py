@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 
 from clusterformer.cli import main
 from clusterformer.metrics.coco import coco_evaluate, to_coco_results
@@ -20,7 +21,7 @@ SMALL_DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_head
 
 @pytest.fixture(scope="module")
 def shapes(shapes_dir):
-    return shapes_dir(seed=3, num_train=12, num_val=6, size=64)
+    return shapes_dir(seed=3, num_train=12, num_val=7, size=64)
 
 
 def small_data(root, masks, **kwargs):
@@ -169,3 +170,32 @@ def test_paper_configs_parse(path, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(path), "--print_config"])
     assert exit_info.value.code == 0
+
+
+class OracleTask(SetTask):
+    """Predicts the ground-truth boxes, shifted by half a box on even image ids: an AP strictly between 0
+    and 1 that changes if any image is lost or counted twice."""
+
+    def predict_batch(self, images, targets):
+        results = []
+        for target in targets:
+            h, w = target["orig_size"]
+            boxes = box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+            if target["image_id"] % 2 == 0:
+                boxes = boxes + (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2) / 2
+            n = len(boxes)
+            results.append({"boxes": boxes, "scores": torch.linspace(0.9, 0.5, n), "labels": target["labels"]})
+        return results
+
+
+def test_distributed_validation_gathers_every_image_once(shapes, tmp_path):
+    """Two processes (gloo) with 7 validation images (the sampler pads one rank with a duplicate) give
+    the AP of one process, which is the AP of an offline pycocotools run over all images."""
+    data = small_data(shapes, masks=False)
+    data.hparams.batch_size = 2
+    module = OracleTask("detection", "clusterformer_nano", num_classes=4, decoder=SMALL_DECODER)
+    single = trainer(tmp_path, devices=1).validate(module, data, verbose=False)[0]
+    double = trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(module, data, verbose=False)[0]
+    assert 0.05 < single["val/bbox_AP"] < 0.95
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+        assert double[f"val/bbox_{key}"] == pytest.approx(single[f"val/bbox_{key}"], abs=1e-9), key

@@ -168,6 +168,33 @@ def step_decay(step: int, warmup_steps: int, total_steps: int, milestones: tuple
     return 0.1 ** sum(step >= m * total_steps for m in milestones)
 
 
+def set_optimizers(module: L.LightningModule) -> dict:
+    """AdamW over ``module.model`` in four groups — backbone or not, decayed or not (no decay on norms,
+    biases and the backbone's ``no_weight_decay()``) — the backbone at ``lr * backbone_lr_mult``; the
+    per-step ``step_decay`` schedule. Reads ``lr``, ``backbone_lr_mult``, ``weight_decay``,
+    ``warmup_steps`` and ``lr_milestones`` from the module's hyperparameters."""
+    h = module.hparams
+    model = module.model
+    backbone_no_decay = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_backbone = name.startswith("backbone.")
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
+        key = (is_backbone, decay)
+        if key not in groups:
+            lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
+            groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
+        groups[key]["params"].append(param)
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 class SetTask(L.LightningModule):
     """Detection (``task="detection"``: boxes, focal class loss + L1 + GIoU) or instance segmentation
     (``task="instance"``: masks, focal class loss + point-sampled BCE + dice) with ClusterFormer.
@@ -326,25 +353,7 @@ class SetTask(L.LightningModule):
 
     # --- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
-        h = self.hparams
-        backbone_no_decay = {f"backbone.{n}" for n in getattr(self.model.backbone, "no_weight_decay", set)()}
-        groups = {}
-        for name, param in self.model.named_parameters():
-            if not param.requires_grad:
-                continue
-            is_backbone = name.startswith("backbone.")
-            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
-            key = (is_backbone, decay)
-            if key not in groups:
-                lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
-                groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
-            groups[key]["params"].append(param)
-        optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return set_optimizers(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
