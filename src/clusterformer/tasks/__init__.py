@@ -1,6 +1,7 @@
 """Lightning tasks: one thin LightningModule (and data module) per task."""
 
 from .classification import ClassificationTask, ImageFolderData
+from .semantic import SemanticData, SemanticTask
 from .sets import CocoData, SetTask
 
-__all__ = ["ClassificationTask", "CocoData", "ImageFolderData", "SetTask"]
+__all__ = ["ClassificationTask", "CocoData", "ImageFolderData", "SemanticData", "SemanticTask", "SetTask"]

@@ -1,0 +1,243 @@
+"""Semantic segmentation: a thin LightningModule around the clustering decoder with one query per class,
+and an ADE20K-style data module.
+
+Validation predicts at the test scale, resizes the prediction back to the label map's own size and
+accumulates mmsegmentation's dataset-level intersections and unions (``metrics.semantic``); it logs
+``val/mIoU``, ``val/mAcc`` and ``val/aAcc``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import clusterformer  # noqa: F401  (registers the models with timm)
+
+from ..data import transforms
+from ..data.semantic import IGNORE_INDEX, SemanticFolder
+from ..heads import build_set_model, semantic_postprocess
+from ..losses import semantic_criterion
+from ..metrics.semantic import SemanticConfusion
+from .rng import restore_rng_states, rng_states
+from .sets import pad_batch, set_optimizers
+
+
+class ImageOnly:
+    """Apply an image transform to the image of an ``(image, label)`` pair and keep the label as it is
+    (evaluation scores predictions at the label's own resolution, as mmsegmentation)."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, label):
+        return self.transform(image), label
+
+
+def collate_semantic(samples: list[tuple[torch.Tensor, torch.Tensor]], train: bool = True):
+    """Pad the images (``pad_batch``). Training targets: ``semantic`` (the label map padded with 255 to
+    the batch size), ``labels`` (the classes present) and their ``masks``. Evaluation targets keep the
+    label map unpadded at its own size (``orig_size``) with the image's ``size`` in the batch."""
+    images = pad_batch([image for image, _ in samples])
+    _, _, ph, pw = images.shape
+    targets = []
+    for image, label in samples:
+        label = label.as_subclass(torch.Tensor).long()
+        h, w = image.shape[-2:]
+        if not train:
+            targets.append({"semantic": label, "size": (h, w), "orig_size": tuple(label.shape[-2:])})
+            continue
+        semantic = F.pad(label, (0, pw - w, 0, ph - h), value=IGNORE_INDEX)
+        classes = semantic.unique()
+        classes = classes[classes != IGNORE_INDEX]
+        targets.append({"semantic": semantic, "labels": classes, "masks": semantic[None] == classes[:, None, None]})
+    return images, targets
+
+
+def _collate_eval(samples):
+    return collate_semantic(samples, train=False)
+
+
+class SemanticData(L.LightningDataModule):
+    """ADE20K layout: ``images/{training,validation}`` and ``annotations/{training,validation}`` label PNGs.
+
+    Args:
+        root: dataset folder; the sub-folders are relative to it.
+        num_classes: classes (ADE20K: 150); ``reduce_zero_label``: file value 0 is "unlabelled".
+        crop, scale_range: training scale jitter and crop (ADE20K: 640, [0.5, 2.0]).
+        test_shorter_side, test_max_size: test resize (ADE20K: 640, 2560).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "images/training",
+        train_labels: str = "annotations/training",
+        val_images: str = "images/validation",
+        val_labels: str = "annotations/validation",
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        crop: int = 640,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        test_shorter_side: int = 640,
+        test_max_size: int = 2560,
+        batch_size: int = 2,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+
+    @property
+    def num_classes(self) -> int:
+        return self.hparams.num_classes
+
+    def describe(self) -> str:
+        return str(self.root / self.hparams.train_labels)
+
+    def _dataset(self, train: bool) -> SemanticFolder:
+        h = self.hparams
+        if train:
+            transform = transforms.dense_train(h.crop, tuple(h.scale_range), mask_fill=IGNORE_INDEX, boxes=False)
+            images, labels = h.train_images, h.train_labels
+        else:
+            transform = ImageOnly(transforms.dense_eval(h.test_shorter_side, h.test_max_size))
+            images, labels = h.val_images, h.val_labels
+        return SemanticFolder(self.root / images, self.root / labels, h.num_classes, h.reduce_zero_label, transform)
+
+    def _loader(self, train: bool) -> DataLoader:
+        dataset = self._dataset(train)
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_semantic if train else _collate_eval,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+
+class SemanticTask(L.LightningModule):
+    """Semantic segmentation with ClusterFormer: one decoder query per class (``num_queries =
+    num_classes``, initialised from the encoder's centers through a linear map over the center axis),
+    per-pixel cross-entropy x5 + dice x1 + class-presence focal loss x2 (``losses.semantic_criterion``),
+    and the prediction ``argmax_c sum_q p_q(c) m_q`` (``heads.semantic_postprocess``).
+
+    Args: as ``SetTask`` (``backbone``, ``num_classes``, ``decoder``, ``backbone_kwargs``, ``loss``,
+    ``lr``, ``backbone_lr_mult``, ``weight_decay``, ``warmup_steps``, ``lr_milestones``); the decoder's
+    ``num_queries`` is the number of classes.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "clusterformer_tiny",
+        num_classes: int = 150,
+        decoder: dict | None = None,
+        backbone_kwargs: dict | None = None,
+        loss: dict | None = None,
+        lr: float = 1e-4,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 10,
+        lr_milestones: tuple[float, ...] = (0.9, 0.95),
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        decoder = {**(decoder or {}), "num_queries": num_classes}
+        self.model = build_set_model(
+            backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, **decoder
+        )
+        self.criterion = semantic_criterion(num_classes, **(loss or {}))
+        self.confusion = {"val": SemanticConfusion(num_classes), "test": SemanticConfusion(num_classes)}
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != self.hparams.num_classes:
+            raise ValueError(f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} classes")
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        losses = self.criterion(self(images), targets)
+        loss = self.criterion.weighted_total(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
+                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        for name, value in losses.items():
+            if not name[-1].isdigit():
+                self.log(f"train/{name}", value, batch_size=len(targets))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
+        return loss
+
+    def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[torch.Tensor]:
+        """Per-image ``(H, W)`` class maps at each target's ``orig_size``."""
+        outputs = self(images)
+        sizes = [t["size"] for t in targets]
+        return semantic_postprocess(outputs["logits"], outputs["masks"], sizes, [t["orig_size"] for t in targets])
+
+    def _evaluate(self, batch, split: str) -> None:
+        images, targets = batch
+        for target, prediction in zip(targets, self.predict_batch(images, targets), strict=True):
+            self.confusion[split].update(prediction.cpu(), target["semantic"].cpu())
+
+    def _score(self, split: str) -> None:
+        confusion = self.confusion[split]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, confusion)
+            confusion = gathered[0]
+            for other in gathered[1:]:
+                confusion = confusion.merge(other)
+        result = confusion.compute()
+        for key in ("mIoU", "mAcc", "aAcc"):
+            self.log(f"{split}/{key}", float(result[key]), prog_bar=key == "mIoU", sync_dist=False)
+        self.confusion[split].reset()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.confusion["val"].reset()
+            return
+        self._score("val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch, batch_idx):
+        images, targets = batch
+        return self.predict_batch(images, targets)
+
+    def configure_optimizers(self):
+        return set_optimizers(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
