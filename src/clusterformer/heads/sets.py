@@ -9,7 +9,10 @@ per-query head. Its output (DETR's layout, one dict per layer):
 * ``boxes (B, Q, 4)``: normalised ``cxcywh`` in ``[0, 1]``, relative to each image's own size
   (before batch padding), when the head predicts boxes;
 * ``masks (B, Q, H/4, W/4)``: mask logits on the padded batch at stride 4, when it predicts masks;
-* ``aux``: the same dicts for the earlier decoder layers (deep supervision).
+* ``aux``: the same dicts for the earlier decoder layers (deep supervision);
+* with a ``semantic_head`` (panoptic): ``semantic_logits (B, C, H/4, W/4)`` from the mask features and the
+  mask features themselves as ``pixel_embeddings``, for kMaX-DeepLab's semantic and instance-discrimination
+  auxiliary losses.
 """
 
 from __future__ import annotations
@@ -70,18 +73,29 @@ class ClusterFormerSets(nn.Module):
 
     ``backbone`` is a ``ClusterFormer`` (it must provide ``forward_dense``)."""
 
-    def __init__(self, backbone: nn.Module, decoder: ClusteringDecoder, head: SetPredictionHead):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        decoder: ClusteringDecoder,
+        head: SetPredictionHead,
+        semantic_head: nn.Module | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.head = head
+        self.semantic_head = semantic_head
 
     def forward(self, images: torch.Tensor) -> dict:
         """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring."""
         features, centers = self.backbone.forward_dense(images)
         states, mask_features = self.decoder(features, centers)
         outputs = [self.head(state, mask_features) for state in states]
-        return {**outputs[-1], "aux": outputs[:-1]}
+        final = {**outputs[-1], "aux": outputs[:-1]}
+        if self.semantic_head is not None:  # panoptic auxiliary heads (kMaX-DeepLab): training only
+            final["semantic_logits"] = self.semantic_head(mask_features)
+            final["pixel_embeddings"] = mask_features
+        return final
 
 
 def build_set_model(
@@ -99,10 +113,12 @@ def build_set_model(
     dropout: float = 0.0,
     query_init: str = "encoder",
     backbone_kwargs: dict | None = None,
+    semantic_head: bool = False,
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
 
-    ``backbone_kwargs`` go to ``timm.create_model`` (e.g. ``drop_path_rate``, or
+    ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
+    (e.g. ``drop_path_rate``, or
     ``pretrained=True, pretrained_cfg_overlay=dict(file="tiny.safetensors")`` for ImageNet weights).
     """
     encoder = timm.create_model(backbone, num_classes=0, **(backbone_kwargs or {}))
@@ -124,4 +140,7 @@ def build_set_model(
         query_init=query_init,
     )
     head = SetPredictionHead(dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None)
-    return ClusterFormerSets(encoder, decoder, head)
+    if semantic_head and not masks:
+        raise ValueError("semantic_head needs the mask features (masks=True)")
+    semantic = nn.Conv2d(mask_dim, num_classes, 1) if semantic_head else None
+    return ClusterFormerSets(encoder, decoder, head, semantic)

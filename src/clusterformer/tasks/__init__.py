@@ -1,7 +1,17 @@
 """Lightning tasks: one thin LightningModule (and data module) per task."""
 
 from .classification import ClassificationTask, ImageFolderData
+from .panoptic import PanopticData, PanopticTask
 from .semantic import SemanticData, SemanticTask
 from .sets import CocoData, SetTask
 
-__all__ = ["ClassificationTask", "CocoData", "ImageFolderData", "SemanticData", "SemanticTask", "SetTask"]
+__all__ = [
+    "ClassificationTask",
+    "CocoData",
+    "ImageFolderData",
+    "PanopticData",
+    "PanopticTask",
+    "SemanticData",
+    "SemanticTask",
+    "SetTask",
+]

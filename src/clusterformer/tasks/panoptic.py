@@ -1,0 +1,364 @@
+"""Panoptic segmentation: a thin LightningModule around the clustering decoder with kMaX-DeepLab's auxiliary
+heads, and a COCO panoptic data module.
+
+Validation turns every image into a panoptic prediction (``heads.panoptic_postprocess``: mask-wise
+merging) at the ground truth's own size and logs, as the paper's Table 5:
+
+* ``val/PQ``, ``val/SQ``, ``val/RQ`` and their ``_th`` / ``_st`` versions (``metrics.panoptic``, equal to
+  panopticapi's ``pq_compute``);
+* ``val/mIoU_pan``: mIoU of the semantic map read off the panoptic prediction (void = no class);
+* ``val/mAP_pan_th``: COCO mask AP of the thing segments of the panoptic prediction (each segment's score)
+  against the thing segments of the ground truth (crowds as ``iscrowd``), with pycocotools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import clusterformer  # noqa: F401  (registers the models with timm)
+
+from ..data import transforms
+from ..data.panoptic import CocoPanoptic, read_panoptic_json
+from ..heads import build_set_model, panoptic_postprocess
+from ..losses import IGNORE_INDEX, panoptic_criterion
+from ..metrics.coco import coco_evaluate
+from ..metrics.panoptic import PanopticQuality
+from ..metrics.semantic import SemanticConfusion
+from .rng import restore_rng_states, rng_states
+from .semantic import ImageOnly
+from .sets import pad_batch, set_optimizers
+
+PANOPTIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+
+
+def collate_panoptic(samples: list[tuple[torch.Tensor, dict]], train: bool = True):
+    """Pad the images (``pad_batch``). Training targets: ``labels``, ``masks`` (padded, segments that left
+    the crop dropped), ``isthing``, ``iscrowd``. Evaluation targets keep the segments unpadded at the
+    ground truth's size plus ``segment_ids``, ``image_id``, the image's ``size`` in the batch and
+    ``orig_size``."""
+    images = pad_batch([image for image, _ in samples])
+    _, _, ph, pw = images.shape
+    targets = []
+    for image, target in samples:
+        h, w = image.shape[-2:]
+        masks = target["masks"].as_subclass(torch.Tensor).bool()
+        out = {k: target[k] for k in ("labels", "isthing", "iscrowd", "segment_ids") if k in target}
+        if train:
+            keep = masks.flatten(1).any(1)
+            out = {k: v[keep] for k, v in out.items()}
+            out["masks"] = F.pad(masks[keep], (0, pw - w, 0, ph - h))
+        else:
+            out.update(masks=masks, size=(h, w), orig_size=tuple(masks.shape[-2:]), image_id=target["image_id"])
+        targets.append(out)
+    return images, targets
+
+
+def _collate_eval(samples):
+    return collate_panoptic(samples, train=False)
+
+
+class PanopticData(L.LightningDataModule):
+    """COCO panoptic: images, ``panoptic_{split}.json`` and the PNG folder, with the dense transforms.
+
+    Args:
+        root: dataset folder; the other paths are relative to it.
+        crop, scale_range: training scale jitter and crop (COCO: 1024, [0.1, 2.0]).
+        test_shorter_side, test_max_size: test resize (COCO: 800, 1333).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_images: str = "train2017",
+        train_annotations: str = "annotations/panoptic_train2017.json",
+        train_masks: str = "annotations/panoptic_train2017",
+        val_images: str = "val2017",
+        val_annotations: str = "annotations/panoptic_val2017.json",
+        val_masks: str = "annotations/panoptic_val2017",
+        crop: int = 1024,
+        scale_range: tuple[float, float] = (0.1, 2.0),
+        test_shorter_side: int = 800,
+        test_max_size: int = 1333,
+        batch_size: int = 2,
+        num_workers: int = 4,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.val_annotation_file = self.root / val_annotations
+        self.categories = sorted(read_panoptic_json(self.val_annotation_file)["categories"], key=lambda c: c["id"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def thing_classes(self) -> list[int]:
+        return [i for i, c in enumerate(self.categories) if c.get("isthing", 1)]
+
+    def describe(self) -> str:
+        return str(self.val_annotation_file)
+
+    def _dataset(self, train: bool) -> CocoPanoptic:
+        h = self.hparams
+        if train:
+            transform = transforms.dense_train(h.crop, tuple(h.scale_range), boxes=False)
+            return CocoPanoptic(
+                self.root / h.train_images, self.root / h.train_annotations, self.root / h.train_masks, transform
+            )
+        transform = ImageOnly(transforms.dense_eval(h.test_shorter_side, h.test_max_size))
+        return CocoPanoptic(self.root / h.val_images, self.val_annotation_file, self.root / h.val_masks, transform)
+
+    def _loader(self, train: bool) -> DataLoader:
+        dataset = self._dataset(train)
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_panoptic if train else _collate_eval,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+
+def _rle(mask: np.ndarray) -> dict:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+class PanopticTask(L.LightningModule):
+    """Panoptic segmentation with ClusterFormer (paper §4.1.5): queries from the encoder's centers, the
+    loss ``5 L_th + 3 L_st + 1 L_aux`` (``losses.panoptic_criterion``), mask-wise merging.
+
+    Args:
+        backbone, decoder, backbone_kwargs, lr, backbone_lr_mult, weight_decay, warmup_steps, lr_milestones:
+            as ``SetTask``.
+        num_classes: thing + stuff classes (COCO: 133); ``num_things``: the first ``num_things`` contiguous
+            labels (categories sorted by id) are things (COCO: 80); checked against the dataset.
+        loss: options of ``panoptic_criterion``.
+        score_threshold, overlap_threshold, mask_threshold: of the mask-wise merging.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "clusterformer_tiny",
+        num_classes: int = 133,
+        num_things: int = 80,
+        decoder: dict | None = None,
+        backbone_kwargs: dict | None = None,
+        loss: dict | None = None,
+        lr: float = 1e-4,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 0.05,
+        warmup_steps: int = 10,
+        lr_milestones: tuple[float, ...] = (0.9, 0.95),
+        score_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.thing_classes = list(range(num_things))
+        self.model = build_set_model(
+            backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, semantic_head=True,
+            **(decoder or {}),
+        )  # fmt: skip
+        self.criterion = panoptic_criterion(num_classes, self.thing_classes, **(loss or {}))
+        self._reset_metrics()
+
+    def _reset_metrics(self) -> None:
+        self._pq = None
+        # one extra class: pixels the panoptic prediction leaves void (misses for their true class)
+        self._semantic = SemanticConfusion(self.hparams.num_classes + 1)
+        self._gt_instances: dict[int, list[dict]] = {}
+        self._instances: dict[int, list[dict]] = {}
+        self._images: dict[int, dict] = {}
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(data, "num_classes", None) is None:
+            return
+        if data.num_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {data.num_classes} categories"
+            )
+        if data.thing_classes != self.thing_classes:
+            raise ValueError(
+                f"model num_things={self.hparams.num_things} (things = labels 0..{self.hparams.num_things - 1}) but "
+                f"{data.describe()} has things at labels {data.thing_classes[:10]}... (categories sorted by id)"
+            )
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        losses = self.criterion(self(images), targets)
+        loss = self.criterion.weighted_total(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
+                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        for name, value in losses.items():
+            if not name[-1].isdigit():
+                self.log(f"train/{name}", value, batch_size=len(targets))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
+        return loss
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def _categories(self) -> list[dict]:
+        data = getattr(self.trainer, "datamodule", None)
+        categories = getattr(data, "categories", None)
+        if categories is None:
+            categories = [
+                {"id": i + 1, "isthing": int(i < self.hparams.num_things)} for i in range(self.hparams.num_classes)
+            ]
+        return categories
+
+    def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict]:
+        """Per-image ``ids (H, W)`` and ``segments_info`` at each target's ``orig_size``."""
+        h = self.hparams
+        outputs = self(images)
+        return panoptic_postprocess(
+            outputs["logits"], outputs["masks"], [t["size"] for t in targets], [t["orig_size"] for t in targets],
+            set(self.thing_classes), score_threshold=h.score_threshold, overlap_threshold=h.overlap_threshold,
+            mask_threshold=h.mask_threshold, category_ids=[c["id"] for c in self._categories()],
+        )  # fmt: skip
+
+    def _evaluate(self, batch) -> None:
+        images, targets = batch
+        categories = self._categories()
+        if self._pq is None:
+            self._pq = PanopticQuality(categories)
+        for target, result in zip(targets, self.predict_batch(images, targets), strict=True):
+            masks = target["masks"].cpu().numpy()
+            labels = target["labels"].cpu().tolist()
+            crowd = target["iscrowd"].cpu().tolist()
+            gt_ids = np.zeros(masks.shape[1:], np.int64)
+            gt_semantic = np.full(masks.shape[1:], IGNORE_INDEX, np.int64)
+            gt_segments = []
+            for mask, segment_id, label, is_crowd in zip(
+                masks, target["segment_ids"].tolist(), labels, crowd, strict=True
+            ):
+                gt_ids[mask] = segment_id
+                gt_semantic[mask] = label
+                gt_segments.append({"id": segment_id, "category_id": categories[label]["id"], "iscrowd": is_crowd})
+            pred_ids = result["ids"].cpu().numpy().astype(np.int64)
+            self._pq.update(gt_ids, gt_segments, pred_ids, result["segments_info"])
+            # mIoU_pan: the panoptic prediction read as a semantic map (void -> no class)
+            pred_semantic = np.full(pred_ids.shape, self.hparams.num_classes, np.int64)
+            for segment in result["segments_info"]:
+                pred_semantic[pred_ids == segment["id"]] = segment["label"]
+            self._semantic.update(pred_semantic, gt_semantic)
+            # mAP_pan^th: thing segments as instances
+            image_id = int(target["image_id"])
+            hh, ww = gt_ids.shape
+            self._images[image_id] = {"id": image_id, "file_name": str(image_id), "height": hh, "width": ww}
+            self._gt_instances[image_id] = [
+                {"image_id": image_id, "category_id": categories[label]["id"], "segmentation": _rle(mask),
+                 "area": int(mask.sum()), "bbox": _bbox(mask), "iscrowd": is_crowd}
+                for mask, label, is_crowd in zip(masks, labels, crowd, strict=True)
+                if label < self.hparams.num_things
+            ]  # fmt: skip
+            self._instances[image_id] = [
+                {"image_id": image_id, "category_id": s["category_id"], "score": float(s["score"]),
+                 "segmentation": _rle(pred_ids == s["id"])}
+                for s in result["segments_info"]
+                if s["isthing"]
+            ]  # fmt: skip
+
+    def _score(self, split: str) -> None:
+        if self._pq is None:
+            return
+        pq, semantic = self._pq, self._semantic
+        gt_instances, instances, images = self._gt_instances, self._instances, self._images
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            payload = (pq, semantic, gt_instances, instances, images)
+            torch.distributed.all_gather_object(gathered, payload)
+            pq, semantic = gathered[0][0], gathered[0][1]
+            for other in gathered[1:]:
+                pq, semantic = pq.merge(other[0]), semantic.merge(other[1])
+            for other in gathered:
+                gt_instances.update(other[2])
+                instances.update(other[3])
+                images.update(other[4])
+        result = pq.compute()
+        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+            for key in ("pq", "sq", "rq"):
+                self.log(
+                    f"{split}/{key.upper()}{suffix}", float(result[group][key]), prog_bar=key == "pq" and not suffix
+                )
+        self.log(f"{split}/mIoU_pan", float(_miou_with_void(semantic)), sync_dist=False)
+        gt = {
+            "images": list(images.values()),
+            "annotations": [dict(a, id=i + 1) for i, a in enumerate(a for v in gt_instances.values() for a in v)],
+            "categories": [c for c in self._categories() if c.get("isthing", 1)],
+        }
+        results = [r for v in instances.values() for r in v]
+        self.log(f"{split}/mAP_pan_th", float(coco_evaluate(gt, results, "segm")["AP"]), sync_dist=False)
+        self._reset_metrics()
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._reset_metrics()
+            return
+        self._score("val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch, batch_idx):
+        images, targets = batch
+        return self.predict_batch(images, targets)
+
+    def configure_optimizers(self):
+        return set_optimizers(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+
+def _bbox(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _miou_with_void(confusion: SemanticConfusion) -> float:
+    """mIoU over the real classes of a confusion whose last class stands for void predictions."""
+    iou = np.array(confusion.compute()["IoU"][:-1], dtype=np.float64)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
