@@ -5,7 +5,9 @@ pictures of predictions).
 1. classification of the shape crops (top-1);
 2. detection and instance segmentation of the scenes with one model (box head + mask head on the
    clustering decoder), its encoder initialised from step 1's classifier, as the paper initialises the
-   dense models from the ImageNet encoder (box AP and mask AP, pycocotools).
+   dense models from the ImageNet encoder (box AP and mask AP, pycocotools);
+3. semantic segmentation (one query per class; mIoU);
+4. panoptic segmentation (PQ, PQ_th, PQ_st), both also from step 1's encoder.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 
 PRESETS = {
     # images per split, scene size, epochs per task
-    "full": dict(num_train=1000, num_val=200, size=96, epochs=12, set_epochs=6),
-    "quick": dict(num_train=300, num_val=80, size=96, epochs=3, set_epochs=2),
+    "full": dict(num_train=1000, num_val=200, size=96, epochs=12, set_epochs=6, semantic_epochs=3, panoptic_epochs=4),
+    "quick": dict(num_train=300, num_val=80, size=96, epochs=3, set_epochs=2, semantic_epochs=1, panoptic_epochs=1),
 }
+STAGES = 5
 SET_DECODER = dict(num_queries=20, dim=64, mask_dim=64, num_layers=3, num_heads=4, iterations=3, ffn_dim=256)
 
 
@@ -29,7 +32,8 @@ def _trainer_kwargs(out: Path) -> dict:
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: int = 2, **overrides) -> dict:
     """Run the demo into ``out``; ``overrides`` replace entries of the preset (num_train, num_val, size,
-    epochs, set_epochs). Returns the metrics written to ``out/report/metrics.json``."""
+    epochs, set_epochs, semantic_epochs, panoptic_epochs). Returns the metrics written to
+    ``out/report/metrics.json``."""
     from .data import make_shapes
 
     preset = {**PRESETS["quick" if quick else "full"], **overrides}
@@ -37,29 +41,51 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: i
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"[1/3] generating the shapes dataset in {out / 'data'}")
+    seconds = {}
+
+    def stage(number: int, text: str) -> None:
+        seconds[f"stage_{number}"] = round(time.perf_counter() - start, 1)
+        print(f"[{number}/{STAGES}] {text}", flush=True)
+
+    stage(1, f"generating the shapes dataset in {out / 'data'}")
     make_shapes(out / "data", seed, preset["num_train"], preset["num_val"], preset["size"])
 
-    print(f"[2/3] classification: clusterformer_nano, {preset['epochs']} epochs on the shape crops")
+    stage(2, f"classification: clusterformer_nano, {preset['epochs']} epochs on the shape crops")
     classification, classifier = run_classification(out, preset, seed, num_workers)
-    print(f"      top-1 {classification['untrained']['val/top1']:.3f} -> {classification['trained']['val/top1']:.3f}")
+    _print_change(classification, ["val/top1"])
+    encoder = classifier.model.state_dict()
 
-    print(f"[3/3] detection + instance segmentation: {preset['set_epochs']} epochs on the scenes")
-    sets = run_sets(out, preset, seed, num_workers, classifier.model.state_dict())
-    for key in ("bbox_AP50", "segm_AP50"):
-        print(f"      {key} {sets['untrained'][f'val/{key}']:.3f} -> {sets['trained'][f'val/{key}']:.3f}")
+    stage(3, f"detection + instance segmentation: {preset['set_epochs']} epochs on the scenes")
+    sets = run_sets(out, preset, seed, num_workers, encoder)
+    _print_change(sets, ["val/bbox_AP50", "val/segm_AP50"])
+
+    stage(4, f"semantic segmentation: {preset['semantic_epochs']} epochs")
+    semantic = run_semantic(out, preset, seed, num_workers, encoder)
+    _print_change(semantic, ["val/mIoU"])
+
+    stage(5, f"panoptic segmentation: {preset['panoptic_epochs']} epochs")
+    panoptic = run_panoptic(out, preset, seed, num_workers, encoder)
+    _print_change(panoptic, ["val/PQ", "val/PQ_th", "val/PQ_st"])
 
     metrics = {
         "model": "clusterformer_nano",
         "scenes": {"train": preset["num_train"], "val": preset["num_val"], "size": preset["size"]},
         "classification": classification,
         "detection_instance": sets,
+        "semantic": semantic,
+        "panoptic": panoptic,
         "seconds": round(time.perf_counter() - start, 1),
+        "stage_start_seconds": seconds,
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_report(report / "report.md", metrics)
     print(f"done in {metrics['seconds']:.0f} s; report in {report}")
     return metrics
+
+
+def _print_change(result: dict, keys: list[str]) -> None:
+    for key in keys:
+        print(f"      {key}: {result['untrained'][key]:.3f} -> {result['trained'][key]:.3f}", flush=True)
 
 
 def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
@@ -92,10 +118,35 @@ def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
     return metrics, task
 
 
-def run_sets(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: list[str]) -> dict:
+    """Validate ``task`` untrained, train it for ``epochs`` (CSV logs and ``last.ckpt`` under ``out/name``),
+    validate it again and plot its curve; returns ``{"epochs", "untrained", "trained"}``."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+
+    common = _trainer_kwargs(out / name)
+    untrained = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **common)
+    before = untrained.validate(task, data, verbose=False)[0]
+    logger = CSVLogger(str(out / name), name="logs", version="")
+    trainer = L.Trainer(
+        max_epochs=epochs, logger=logger, log_every_n_steps=5, gradient_clip_val=1.0,
+        check_val_every_n_epoch=max(1, epochs // 2),
+        callbacks=[ModelCheckpoint(dirpath=str(out / name / "checkpoints"), save_last=True)], **common,
+    )  # fmt: skip
+    trainer.fit(task, data)
+    after = trainer.validate(task, data, verbose=False)[0]
+    plot_curves(Path(logger.log_dir) / "metrics.csv", out / "report" / f"{name}_curve.png", val_keys)
+    return {"epochs": epochs, "untrained": before, "trained": after}
+
+
+def _load_encoder(task, encoder_state: dict | None) -> None:
+    if encoder_state is not None:  # the classifier's encoder, without its classification head
+        task.model.backbone.load_state_dict({k: v for k, v in encoder_state.items() if not k.startswith("head.")})
+
+
+def run_sets(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+    import lightning as L
 
     from .tasks import CocoData, SetTask
 
@@ -111,60 +162,95 @@ def run_sets(out: Path, preset: dict, seed: int, num_workers: int, encoder_state
         loss={"num_points": 1024}, lr=1e-3, backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,),
         predict_boxes=True,
     )  # fmt: skip
-    if encoder_state is not None:  # the classifier's encoder, without its classification head
-        encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith("head.")}
-        task.model.backbone.load_state_dict(encoder_state)
-    common = _trainer_kwargs(out / "detection_instance")
-    untrained = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **common)
-    before = untrained.validate(task, data, verbose=False)[0]
-    logger = CSVLogger(str(out / "detection_instance"), name="logs", version="")
-    trainer = L.Trainer(
-        max_epochs=preset["set_epochs"], logger=logger, log_every_n_steps=5, gradient_clip_val=1.0,
-        check_val_every_n_epoch=max(1, preset["set_epochs"] // 2),
-        callbacks=[ModelCheckpoint(dirpath=str(out / "detection_instance" / "checkpoints"), save_last=True)],
-        **common,
+    _load_encoder(task, encoder_state)
+    result = fit_and_evaluate(
+        "detection_instance", task, data, out, preset["set_epochs"], ["val/bbox_AP50", "val/segm_AP50"]
+    )
+    plot_instances(task, data, out / "report" / "detection_instance_predictions.png")
+    return result
+
+
+def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+    import lightning as L
+
+    from .tasks import SemanticData, SemanticTask
+
+    L.seed_everything(seed, verbose=False)
+    size = preset["size"]
+    data = SemanticData(
+        str(out / "data"), "images/train", "semantic/train", "images/val", "semantic/val", num_classes=7, crop=size,
+        scale_range=(0.5, 1.5), test_shorter_side=size, batch_size=8, num_workers=num_workers,
     )  # fmt: skip
-    trainer.fit(task, data)
-    after = trainer.validate(task, data, verbose=False)[0]
-    report = out / "report"
-    plot_curves(Path(logger.log_dir) / "metrics.csv", report / "detection_instance_curve.png",
-                ["val/bbox_AP50", "val/segm_AP50"])  # fmt: skip
-    plot_instances(task, data, report / "detection_instance_predictions.png")
-    return {"epochs": preset["set_epochs"], "untrained": before, "trained": after}
+    decoder = {k: v for k, v in SET_DECODER.items() if k != "num_queries"}
+    task = SemanticTask("clusterformer_nano", num_classes=7, decoder=decoder, loss={"num_points": 1024}, lr=1e-3,
+                        backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,))  # fmt: skip
+    _load_encoder(task, encoder_state)
+    result = fit_and_evaluate("semantic", task, data, out, preset["semantic_epochs"], ["val/mIoU"])
+    plot_maps(task, data, out / "report" / "semantic_predictions.png", panoptic=False)
+    return result
+
+
+def run_panoptic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+    import lightning as L
+
+    from .tasks import PanopticData, PanopticTask
+
+    L.seed_everything(seed, verbose=False)
+    size = preset["size"]
+    data = PanopticData(
+        str(out / "data"), "images/train", "annotations/panoptic_train.json", "annotations/panoptic_train",
+        "images/val", "annotations/panoptic_val.json", "annotations/panoptic_val", crop=size, scale_range=(0.5, 1.5),
+        test_shorter_side=size, batch_size=8, num_workers=num_workers,
+    )  # fmt: skip
+    task = PanopticTask(
+        "clusterformer_nano", num_classes=7, num_things=4, decoder=SET_DECODER, loss={"num_points": 1024}, lr=1e-3,
+        backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,), score_threshold=0.5,
+    )  # fmt: skip
+    _load_encoder(task, encoder_state)
+    result = fit_and_evaluate("panoptic", task, data, out, preset["panoptic_epochs"], ["val/PQ", "val/mIoU_pan"])
+    plot_maps(task, data, out / "report" / "panoptic_predictions.png", panoptic=True)
+    return result
+
+
+REPORT_ROWS = [
+    ("classification", "top-1", "val/top1"),
+    ("detection_instance", "box AP", "val/bbox_AP"),
+    ("detection_instance", "box AP50", "val/bbox_AP50"),
+    ("detection_instance", "mask AP", "val/segm_AP"),
+    ("detection_instance", "mask AP50", "val/segm_AP50"),
+    ("semantic", "mIoU", "val/mIoU"),
+    ("panoptic", "PQ", "val/PQ"),
+    ("panoptic", "PQ things", "val/PQ_th"),
+    ("panoptic", "PQ stuff", "val/PQ_st"),
+    ("panoptic", "mIoU_pan", "val/mIoU_pan"),
+    ("panoptic", "mAP_pan things", "val/mAP_pan_th"),
+]
 
 
 def write_report(path: Path, metrics: dict) -> None:
-    cls, sets = metrics["classification"], metrics["detection_instance"]
     scenes = metrics["scenes"]
-    rows = [
-        ("classification top-1", cls["untrained"]["val/top1"], cls["trained"]["val/top1"]),
-        *(
-            (f"{name} {key}", sets["untrained"][f"val/{prefix}_{key}"], sets["trained"][f"val/{prefix}_{key}"])
-            for name, prefix in (("box", "bbox"), ("mask", "segm"))
-            for key in ("AP", "AP50")
-        ),
-    ]
+    epochs = ", ".join(f"{name} {metrics[name]['epochs']}" for name in dict.fromkeys(row[0] for row in REPORT_ROWS))
     lines = [
         "# ClusterFormer demo",
         "",
         f"clusterformer_nano on {scenes['train']} generated {scenes['size']}-pixel scenes ({scenes['val']} for "
         f"validation), CPU, {metrics['seconds']:.0f} s in all. Classification of the shape crops "
-        f"({', '.join(cls['classes'])}) for {cls['epochs']} epochs; then one detection + instance model "
-        f"(clustering decoder, box and mask heads, encoder from the classifier) for {sets['epochs']} epochs.",
+        f"({', '.join(metrics['classification']['classes'])}) first; the dense models (clustering decoder) then "
+        f"start from the classifier's encoder. Epochs: {epochs}.",
         "",
-        "| metric (validation) | untrained | trained |",
-        "| --- | --- | --- |",
-        *(f"| {name} | {a:.3f} | {b:.3f} |" for name, a, b in rows),
-        "",
-        "![classification curve](classification_curve.png)",
-        "",
-        "![classification predictions](classification_predictions.png)",
-        "",
-        "![detection and instance curve](detection_instance_curve.png)",
-        "",
-        "![detection and instance predictions](detection_instance_predictions.png)",
+        "| task | metric (validation) | untrained | trained |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {task.replace('_', ' + ')} | {name} | {metrics[task]['untrained'][key]:.3f} | "
+            f"{metrics[task]['trained'][key]:.3f} |"
+            for task, name, key in REPORT_ROWS
+        ),
         "",
     ]
+    for picture in ("classification_curve", "classification_predictions", "detection_instance_curve",
+                    "detection_instance_predictions", "semantic_curve", "semantic_predictions", "panoptic_curve",
+                    "panoptic_predictions"):  # fmt: skip
+        lines += [f"![{picture.replace('_', ' ')}]({picture}.png)", ""]
     path.write_text("\n".join(lines))
 
 
@@ -284,6 +370,76 @@ def plot_instances(task, data, path: Path, count: int = 6, min_score: float = 0.
                     ax.text(x0, y0, label, fontsize=5, color="white", va="bottom")
             ax.set_title("ground truth" if row == 0 else f"prediction (score >= {min_score})", fontsize=7)
             ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _colour_map(classes, ids=None):
+    """RGB picture of a class map (255 / negative = black); with ``ids``, segment boundaries drawn white."""
+    import numpy as np
+
+    from .data import CATEGORIES
+
+    palette = np.zeros((256, 3))
+    for i, category in enumerate(CATEGORIES):
+        palette[i] = np.array(category["color"]) / 255
+    picture = palette[np.clip(classes, 0, 255)]
+    picture[classes < 0] = 0
+    if ids is not None:
+        edge = np.zeros(ids.shape, bool)
+        edge[1:] |= ids[1:] != ids[:-1]
+        edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+        picture[edge] = 1.0
+    return picture
+
+
+def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
+    """Validation scenes: image, ground truth, prediction (semantic classes, or panoptic segments coloured
+    by class with white boundaries; black = void)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from .tasks.panoptic import collate_panoptic
+    from .tasks.semantic import collate_semantic
+
+    dataset = data._dataset(train=False)
+    index = torch.linspace(0, len(dataset) - 1, count).long().tolist()
+    samples = [dataset[i] for i in index]
+    collate = collate_panoptic if panoptic else collate_semantic
+    images, targets = collate(samples, train=False)
+    task.eval()
+    with torch.no_grad():
+        results = task.predict_batch(images, targets)
+    fig, axes = plt.subplots(3, count, figsize=(count * 1.7, 5.4))
+    for column, (image, target, result) in enumerate(zip(images, targets, results, strict=True)):
+        h, w = target["size"]
+        if panoptic:
+            masks = target["masks"].numpy()
+            gt_classes = np.full(masks.shape[1:], -1)
+            gt_ids = np.zeros(masks.shape[1:], np.int64)
+            for k, (mask, label) in enumerate(zip(masks, target["labels"].tolist(), strict=True)):
+                gt_classes[mask], gt_ids[mask] = label, k + 1
+            ids = result["ids"].numpy()
+            classes = np.full(ids.shape, -1)
+            for segment in result["segments_info"]:
+                classes[ids == segment["id"]] = segment["label"]
+            gt_picture, picture = _colour_map(gt_classes, gt_ids), _colour_map(classes, ids)
+        else:
+            gt = target["semantic"].numpy().copy()
+            gt_picture, picture = _colour_map(np.where(gt == 255, -1, gt)), _colour_map(result.numpy())
+        for row, shown in enumerate((_denormalise(image[:, :h, :w]), gt_picture, picture)):
+            axes[row, column].imshow(shown)
+            axes[row, column].axis("off")
+        axes[0, column].set_title("image", fontsize=7)
+        axes[1, column].set_title("ground truth", fontsize=7)
+        axes[2, column].set_title("prediction", fontsize=7)
+    kind = "panoptic segments (colour = class)" if panoptic else "semantic classes"
+    fig.suptitle(f"validation scenes: {kind}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
