@@ -11,6 +11,7 @@ from clusterformer.heads import (
     ClusteringDecoderLayer,
     build_set_model,
     detection_postprocess,
+    grid_boxes,
     instance_postprocess,
     sine_position,
 )
@@ -169,3 +170,30 @@ def test_instance_postprocess_scores_are_class_times_mean_mask_probability():
         assert out["labels"][i] == label
         assert torch.equal(out["masks"][i], binary)
         torch.testing.assert_close(out["scores"][i], expected)
+
+
+def test_grid_boxes_are_the_cells_of_a_grid():
+    boxes = grid_boxes(4)
+    torch.testing.assert_close(
+        boxes,
+        torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
+    )
+    assert grid_boxes(7).shape == (7, 4)  # the first 7 cells of a 3 x 3 grid
+
+
+def test_boxes_are_refined_layer_by_layer():
+    """Layer 0 refines the learnt grid references; layer i refines layer i-1's (detached) boxes."""
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, num_queries=9, **NANO_DECODER).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images)
+        states, _ = model.decoder(*model.backbone.forward_dense(images))
+        layers = [*out["aux"], out]
+        reference = model.head.reference.sigmoid().expand(1, -1, -1)
+        for state, layer in zip(states, layers, strict=True):
+            logit = torch.log(reference / (1 - reference))
+            expected = (model.head.box_embed(state) + logit).sigmoid()
+            torch.testing.assert_close(layer["boxes"], expected, atol=1e-5, rtol=1e-4)
+            reference = layer["boxes"]
+    torch.testing.assert_close(model.head.reference.sigmoid(), grid_boxes(9), atol=1e-5, rtol=1e-4)

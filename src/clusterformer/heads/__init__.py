@@ -8,7 +8,7 @@ from .postprocess import (
     resize_mask_logits,
     semantic_postprocess,
 )
-from .sets import MLP, ClusterFormerSets, SetPredictionHead, build_set_model
+from .sets import MLP, ClusterFormerSets, SetPredictionHead, build_set_model, grid_boxes
 
 __all__ = [
     "MLP",
@@ -19,6 +19,7 @@ __all__ = [
     "PixelDecoder",
     "SetPredictionHead",
     "build_set_model",
+    "grid_boxes",
     "detection_postprocess",
     "instance_postprocess",
     "panoptic_postprocess",

@@ -42,13 +42,33 @@ class MLP(nn.Module):
         return x
 
 
+def grid_boxes(count: int) -> torch.Tensor:
+    """``(count, 4)`` normalised ``cxcywh`` boxes: the cells of a ``g x g`` grid (``g = ceil(sqrt(count))``),
+    row-major, the first ``count`` of them."""
+    g = math.ceil(math.sqrt(count))
+    centres = (torch.arange(g, dtype=torch.float32) + 0.5) / g
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    cells = torch.stack([cx.flatten(), cy.flatten(), torch.full((g * g,), 1 / g), torch.full((g * g,), 1 / g)], -1)
+    return cells[:count]
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
 class SetPredictionHead(nn.Module):
     """Per-query class FFN, box MLP (``boxes=True``) and mask embedding (``mask_dim`` given).
 
     The class bias starts at ``-log((1 - 0.01) / 0.01)`` (prior probability 0.01), as for focal losses.
+    Boxes are refined layer by layer (Deformable DETR's iterative refinement): a layer predicts
+    ``sigmoid(MLP(query) + logit(reference))``, where the reference is the previous layer's box (detached)
+    and, for the first layer, a learnt box per query that starts as a cell of a grid over the image.
     """
 
-    def __init__(self, dim: int, num_classes: int, boxes: bool = True, mask_dim: int | None = None):
+    def __init__(
+        self, dim: int, num_classes: int, boxes: bool = True, mask_dim: int | None = None, num_queries: int = 100
+    ):
         super().__init__()
         if not boxes and mask_dim is None:
             raise ValueError("the head must predict boxes, masks or both")
@@ -56,13 +76,18 @@ class SetPredictionHead(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.box_embed = MLP(dim, dim, 4, 3) if boxes else None
+        self.reference = nn.Parameter(inverse_sigmoid(grid_boxes(num_queries))) if boxes else None
         self.mask_embed = MLP(dim, dim, mask_dim, 3) if mask_dim is not None else None
 
-    def forward(self, queries: torch.Tensor, mask_features: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``queries (B, Q, D)``, ``mask_features (B, E, h, w)`` -> ``logits``, ``boxes``, ``masks``."""
+    def forward(
+        self, queries: torch.Tensor, mask_features: torch.Tensor | None, reference: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``queries (B, Q, D)``, ``mask_features (B, E, h, w)``, ``reference (B, Q, 4)`` boxes (default: the
+        learnt first-layer references) -> ``logits``, ``boxes``, ``masks``."""
         out = {"logits": self.class_embed(queries)}
         if self.box_embed is not None:
-            out["boxes"] = self.box_embed(queries).sigmoid()
+            logit_reference = self.reference if reference is None else inverse_sigmoid(reference)
+            out["boxes"] = (self.box_embed(queries) + logit_reference).sigmoid()
         if self.mask_embed is not None:
             out["masks"] = torch.einsum("bqe,behw->bqhw", self.mask_embed(queries), mask_features)
         return out
@@ -90,7 +115,11 @@ class ClusterFormerSets(nn.Module):
         """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring."""
         features, centers = self.backbone.forward_dense(images)
         states, mask_features = self.decoder(features, centers)
-        outputs = [self.head(state, mask_features) for state in states]
+        outputs, reference = [], None
+        for state in states:
+            outputs.append(self.head(state, mask_features, reference))
+            if "boxes" in outputs[-1]:  # the next layer refines this layer's boxes
+                reference = outputs[-1]["boxes"].detach()
         final = {**outputs[-1], "aux": outputs[:-1]}
         if self.semantic_head is not None:  # panoptic auxiliary heads (kMaX-DeepLab): training only
             final["semantic_logits"] = self.semantic_head(mask_features)
@@ -139,7 +168,9 @@ def build_set_model(
         dropout=dropout,
         query_init=query_init,
     )
-    head = SetPredictionHead(dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None)
+    head = SetPredictionHead(
+        dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None, num_queries=num_queries
+    )
     if semantic_head and not masks:
         raise ValueError("semantic_head needs the mask features (masks=True)")
     semantic = nn.Conv2d(mask_dim, num_classes, 1) if semantic_head else None
