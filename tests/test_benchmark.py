@@ -1,8 +1,20 @@
 """The benchmark harness: compute counting, peer ratios and the command line."""
 
 import json
+import sys
 
-from clusterformer.benchmark import count_gmacs, markdown_table, run_benchmark
+import pytest
+import torch
+
+from clusterformer.benchmark import (
+    PEERS,
+    build,
+    count_gmacs,
+    dense_task,
+    markdown_table,
+    parse_img_size,
+    run_benchmark,
+)
 from clusterformer.cli import main
 
 
@@ -65,3 +77,128 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert report["results"][0]["train_img_s"] is None
     assert "| clusterformer_nano |" in out_md.read_text()
     assert "| clusterformer_nano |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "keys"),
+    [
+        ("clusterformer_nano_detection", 80, {"logits", "boxes"}),
+        ("clusterformer_nano_instance", 80, {"logits", "masks"}),
+        ("clusterformer_nano_panoptic", 133, {"logits", "masks"}),
+    ],
+)
+def test_dense_names_build_the_task_model(name, classes, keys):
+    model = build(name).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert {k for k in out if k != "aux"} == keys
+    assert out["logits"].shape == (1, 100, classes)
+    if "masks" in keys:
+        assert out["masks"].shape == (1, 100, 16, 24)
+    assert dense_task(name) == name.rsplit("_", 1)[1]
+
+
+def test_dense_names_and_peers():
+    assert dense_task("clusterformer_nano") is None
+    assert dense_task("swin_tiny_patch4_window7_224") is None
+    assert dense_task("mask2former_swin_small") == "instance"
+    assert dense_task("mask2former_swin_tiny_panoptic") == "panoptic"
+    assert dense_task("detr_swin_tiny") == "detection"
+    assert PEERS["clusterformer_tiny_detection"] == "detr_swin_tiny"
+    assert PEERS["clusterformer_tiny_instance"] == PEERS["clusterformer_tiny_panoptic"] == "mask2former_swin_tiny"
+    assert PEERS["clusterformer_small_instance"] == "mask2former_swin_small"
+
+
+def test_image_sizes_parse_square_and_height_by_width():
+    assert parse_img_size("512") == 512
+    assert parse_img_size("800x1216") == (800, 1216)
+    for bad in ("800x", "0", "axb", "1x2x3"):
+        with pytest.raises(ValueError, match="HxW"):
+            parse_img_size(bad)
+
+
+def test_dense_gmacs_follow_height_and_width():
+    _, square = count_gmacs("clusterformer_nano_detection", 64)
+    _, wide = count_gmacs("clusterformer_nano_detection", (64, 128))
+    params, tall = count_gmacs("clusterformer_nano_detection", (128, 64))
+    assert wide > square > 0
+    assert tall == pytest.approx(wide)
+    assert params > 3
+
+
+def test_dense_run_measures_inference_only_with_ratio_to_the_peer():
+    report = run_benchmark(
+        models=("clusterformer_nano_instance", "clusterformer_nano_detection"),
+        batch=1,
+        img_size=(64, 96),
+        rounds=1,
+        warmup=0,
+        iters=1,
+        progress=False,
+        peers={"clusterformer_nano_instance": "clusterformer_nano_detection"},
+    )
+    instance, detection = report["results"]
+    for result in (instance, detection):
+        assert result["infer_best_img_s"] >= result["infer_img_s"] > 0 and result["infer_peak_mib"] >= 0
+        assert result["train_img_s"] is None and result["train_peak_mib"] is None
+        assert report["raw"][result["model"]]["train"] == []
+    assert instance["infer_vs_peer"] == pytest.approx(instance["infer_img_s"] / detection["infer_img_s"])
+    assert instance["infer_best_vs_peer"] == pytest.approx(instance["infer_best_img_s"] / detection["infer_best_img_s"])
+    assert detection["infer_vs_peer"] is None
+    table = markdown_table(report)
+    assert "64x96" in table and "train img/s" not in table
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(ImportError, match=r"pip install clusterformer\[bench\]"):
+        build("mask2former_swin_tiny")
+    assert main(["benchmark", "--task", "dense", "--img-size", "64"]) == 2
+    assert "pip install clusterformer[bench]" in capsys.readouterr().err
+
+
+def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def fake_run(models, batch, img_size, train, **kwargs):  # the harness itself is tested above
+        calls.append((tuple(models), batch, img_size, train))
+        result = dict(model=models[0], params_m=1.0, gmacs=1.0, infer_img_s=2.0, infer_vs_peer=None)
+        result.update(train_img_s=None, train_vs_peer=None, infer_peak_mib=10.0, train_peak_mib=None)
+        return dict(
+            machine="m", torch="t", dtype="fp32", batch=batch, img_size=img_size, rounds=1, iters=1, results=[result]
+        )
+
+    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", fake_run)
+    out_json = tmp_path / "dense.json"
+    args = ["benchmark", "--task", "dense", "--models", "clusterformer_nano_detection"]
+    assert main([*args, "--img-size", "64", "--img-size", "64x96", "--json", str(out_json)]) == 0
+    assert calls == [(("clusterformer_nano_detection",), 1, size, True) for size in (64, (64, 96))]
+    reports = json.loads(out_json.read_text())["reports"]
+    assert [r["img_size"] for r in reports] == [64, [64, 96]]
+    out = capsys.readouterr().out
+    assert "batch 1, 64x64" in out and "batch 1, 64x96" in out
+    calls.clear()
+    monkeypatch.setattr("clusterformer.benchmark.require_transformers", lambda models: None)
+    assert main(["benchmark", "--task", "dense"]) == 0  # the default dense set at both sizes
+    assert [size for *_, size, _ in calls] == [(512, 512), (800, 1216)]
+    assert calls[0][0] == (
+        "clusterformer_tiny_detection",
+        "detr_swin_tiny",
+        "clusterformer_tiny_instance",
+        "mask2former_swin_tiny",
+        "clusterformer_tiny_panoptic",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "outputs"), [("mask2former_swin_tiny", "masks_queries_logits"), ("detr_swin_tiny", "pred_boxes")]
+)
+def test_transformers_peers_build_offline_with_random_weights(name, outputs):
+    pytest.importorskip("transformers")
+    model = build(name).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert 44 < params < 48  # Swin-T backbone (27.5M) + Mask2Former or DETR
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 64))
+    assert out["logits" if name.startswith("detr") else "class_queries_logits"].shape == (1, 100, 81)
+    assert outputs in out

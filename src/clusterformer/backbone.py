@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import CenterInit, FeatureDispatch, RecurrentClustering, assignment_maps
+from .layers import CenterInit, FeatureDispatch, RecurrentClustering, assignment_maps, is_tracing
 from .layers.dispatching import NEEDS_ASSIGNMENTS
 
 __all__ = ["ClusterFormer", "ClusterBlock"]
@@ -57,15 +57,21 @@ class CoordPatchEmbed(nn.Module):
             raise ValueError(f"expected images of shape (B, {expected}, H, W), got {tuple(x.shape)}")
         _, in_chans, h, w = x.shape
         p = self.patch_size
-        pad = (0, (p - w % p) % p, 0, (p - h % p) % p)
-        ys = torch.linspace(-0.5, 0.5, h, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-0.5, 0.5, w, device=x.device, dtype=x.dtype)
-        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))[None]  # (1, 2, H, W)
+        pad = (0, (w + p - 1) // p * p - w, 0, (h + p - 1) // p * p - h)  # to whole patches (simple for torch.export)
+        coords = torch.stack(torch.meshgrid(_coords(h, x), _coords(w, x), indexing="ij"))[None]  # (1, 2, H, W)
         # The convolution is linear: the coordinate channels are convolved once for the whole batch.
         weight = self.proj.weight
         image = F.conv2d(F.pad(x, pad), weight[:, :in_chans], self.proj.bias, stride=p)
         position = F.conv2d(F.pad(coords, pad), weight[:, in_chans:], stride=p)
         return self.norm((image + position).permute(0, 2, 3, 1))
+
+
+def _coords(size: int, x: torch.Tensor) -> torch.Tensor:
+    """``linspace(-0.5, 0.5, size)``; traced, the same values from ``arange`` (``torch.export`` fixes the number
+    of steps of a ``linspace`` to the example's size)."""
+    if is_tracing():
+        return torch.arange(size, device=x.device, dtype=x.dtype) / max(size - 1, 1) - 0.5
+    return torch.linspace(-0.5, 0.5, size, device=x.device, dtype=x.dtype)
 
 
 class PatchMerging(nn.Module):
@@ -79,9 +85,9 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, ceil(H/2), ceil(W/2), out_dim)``."""
         b, h, w, c = x.shape
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
-        h, w = h + h % 2, w + w % 2
-        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        h2, w2 = (h + 1) // 2, (w + 1) // 2  # padded to 2 * h2 (not h + h % 2: the same, but provably even)
+        x = F.pad(x, (0, 0, 0, 2 * w2 - w, 0, 2 * h2 - h))
+        x = x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x))
 
 
@@ -165,12 +171,15 @@ class ClusterBlock(nn.Module):
 
         # The (image, head) slices are clustered a few at a time, so that a slice's (N, K) assignment
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
-        # backward pass concatenates the chunk gradients once.
-        step = max(1, self.chunk_elements // (n * k))
+        # backward pass concatenates the chunk gradients once. A traced graph takes one chunk (the number of
+        # chunks depends on the input size).
+        if is_tracing():
+            parts = [(centers0, keys, values)]
+        else:
+            step = max(1, self.chunk_elements // (n * k))
+            parts = zip(centers0.split(step), keys.split(step), values.split(step), strict=True)
         chunks = []
-        for chunk_centers, chunk_keys, chunk_values in zip(
-            centers0.split(step), keys.split(step), values.split(step), strict=True
-        ):
+        for chunk_centers, chunk_keys, chunk_values in parts:
             chunk_centers, chunk_assign = self.clustering(chunk_centers, chunk_keys, chunk_values, (h, w))
             chunk_received = self.dispatch.aggregate(chunk_centers, chunk_values, chunk_assign) if dispatching else None
             chunks.append((chunk_centers, chunk_assign, chunk_received))

@@ -70,10 +70,13 @@ ImageSize = int | tuple[int, int]
 
 @dataclass
 class Measurement:
-    """Per-iteration seconds of one child run and its peak memory in MiB."""
+    """Per-iteration seconds of one child run and its peak memory in MiB. ``cpu_seconds``: the process's
+    CPU time (all its threads) per iteration; far below ``seconds x torch threads``, the run shared the
+    cores with other work."""
 
     seconds: list[float]
     peak_mib: float
+    cpu_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -90,12 +93,18 @@ class ModelResult:
             return None
         return batch / statistics.median(statistics.median(r.seconds) for r in runs)
 
+    @staticmethod
+    def _best_ips(runs: list[Measurement], batch: int) -> float | None:
+        # the fastest iteration of all rounds: the least disturbed by other work on a shared machine
+        return batch / min(min(r.seconds) for r in runs) if runs else None
+
     def summary(self, batch: int) -> dict:
         return dict(
             model=self.model,
             params_m=round(self.params_m, 3),
             gmacs=round(self.gmacs, 3),
             infer_img_s=self._ips(self.infer, batch),
+            infer_best_img_s=self._best_ips(self.infer, batch),
             train_img_s=self._ips(self.train, batch),
             infer_peak_mib=max((r.peak_mib for r in self.infer), default=None),
             train_peak_mib=max((r.peak_mib for r in self.train), default=None),
@@ -279,17 +288,18 @@ def _measure(name: str, mode: str, batch: int, img_size: ImageSize, warmup: int,
     for _ in range(warmup):
         run()
     sync()
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(iters):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
         sync()
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:  # ru_maxrss is in KiB on Linux
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return Measurement(seconds, max(peak, 0.0))
+    return Measurement(seconds, max(peak, 0.0), cpu_seconds)
 
 
 def run_benchmark(
@@ -332,7 +342,7 @@ def run_benchmark(
     by_name = {s["model"]: s for s in summaries}
     for s in summaries:
         peer = by_name.get((PEERS if peers is None else peers).get(s["model"], ""))
-        for key in ("infer_img_s", "train_img_s"):
+        for key in ("infer_img_s", "infer_best_img_s", "train_img_s"):
             ok = peer and s[key] and peer[key]
             s[key.replace("img_s", "vs_peer")] = s[key] / peer[key] if ok else None
     return dict(
@@ -368,12 +378,12 @@ def markdown_table(report: dict) -> str:
 
     # a run without training figures (dense models, --no-train) leaves the training columns out
     with_train = any(s["train_img_s"] is not None for s in report["results"])
-    header = ["model", "params (M)", "GMACs", "infer img/s", "vs peer"]
+    header = ["model", "params (M)", "GMACs", "infer img/s", "vs peer", "best infer img/s", "vs peer"]
     header += ["train img/s", "vs peer", "infer peak MiB", "train peak MiB"] if with_train else ["infer peak MiB"]
     lines = [
         f"Machine: {report['machine']}; torch {report['torch']}; {report['dtype']}; batch {report['batch']}, "
         f"{_size_text(report['img_size'])}; median of {report['rounds']} interleaved rounds x "
-        f"{report['iters']} iterations.",
+        f"{report['iters']} iterations; best: the fastest iteration.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -381,6 +391,7 @@ def markdown_table(report: dict) -> str:
     for s in report["results"]:
         cells = [s["model"], f"{s['params_m']:.2f}", f"{s['gmacs']:.2f}"]
         cells += [fmt(s["infer_img_s"], ".2f"), fmt(s["infer_vs_peer"], ".2f", "x")]
+        cells += [fmt(s.get("infer_best_img_s"), ".2f"), fmt(s.get("infer_best_vs_peer"), ".2f", "x")]
         if with_train:
             cells += [fmt(s["train_img_s"], ".2f"), fmt(s["train_vs_peer"], ".2f", "x")]
         cells.append(fmt(s["infer_peak_mib"], ".0f"))

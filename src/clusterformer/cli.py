@@ -8,39 +8,74 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .explain import add_explain_parser
+from .export import add_export_parser
+from .predict import add_predict_parser, is_lightning_predict
+from .weights import add_convert_parser
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from .benchmark import DEFAULT_MODELS, markdown_table, profile_model, run_benchmark, save
+    from .benchmark import (
+        DEFAULT_MODELS,
+        DENSE_MODELS,
+        DENSE_SIZES,
+        dense_task,
+        markdown_table,
+        profile_model,
+        require_transformers,
+        run_benchmark,
+        save,
+    )
 
-    models = args.models or (DEFAULT_MODELS[:2] if args.quick else DEFAULT_MODELS)
+    dense = args.task == "dense"
+    models = args.models or (DENSE_MODELS if dense else DEFAULT_MODELS)
+    if args.quick and not args.models:  # ClusterFormer-T and its peer: instance / Mask2Former, or Swin-T
+        models = DENSE_MODELS[2:4] if dense else DEFAULT_MODELS[:2]
+    sizes = args.img_size or (list(DENSE_SIZES[:1] if args.quick else DENSE_SIZES) if dense else [224])
+    batch = args.batch_size or (1 if dense else 8)
+    try:
+        require_transformers(models)
+    except ImportError as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
     if args.profile:
-        for name in models:
-            for mode in ("infer", "train"):
-                print(profile_model(name, mode, args.batch_size, args.img_size))
+        for size in sizes:
+            for name in models:
+                for mode in ("infer",) if dense_task(name) else ("infer", "train"):
+                    print(profile_model(name, mode, batch, size))
         return 0
     rounds, iters = (1, 3) if args.quick else (args.rounds, args.iters)
-    report = run_benchmark(
-        models=models,
-        batch=args.batch_size,
-        img_size=args.img_size,
-        rounds=rounds,
-        warmup=args.warmup,
-        iters=iters,
-        device=args.device,
-        amp=args.amp,
-        train=not args.no_train,
-    )
-    table = markdown_table(report)
-    print(table)
-    if args.json:
-        save(report, args.json)
+    reports = []
+    for size in sizes:  # one interleaved run and one table per size
+        report = run_benchmark(
+            models=models,
+            batch=batch,
+            img_size=size,
+            rounds=rounds,
+            warmup=args.warmup,
+            iters=iters,
+            device=args.device,
+            amp=args.amp,
+            train=not args.no_train,
+        )
+        reports.append(report)
+        print(markdown_table(report) + "\n", flush=True)
+    if args.json:  # one size: the report; several: {"reports": [one per size]}
+        save(reports[0] if len(reports) == 1 else {"reports": reports}, args.json)
         print(f"wrote {args.json}", file=sys.stderr)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table + "\n")
+        Path(args.markdown).write_text("\n\n".join(markdown_table(report) for report in reports) + "\n")
         print(f"wrote {args.markdown}", file=sys.stderr)
     return 0
+
+
+def _img_size(text: str):
+    from .benchmark import parse_img_size
+
+    try:
+        return parse_img_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _make_shapes(args: argparse.Namespace) -> int:
@@ -110,6 +145,39 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import check_table, run_ablation
+
+    try:
+        table = check_table(args.table)
+        run_ablation(
+            table,
+            args.config,
+            args.out,
+            max_epochs=args.max_epochs,
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches,
+            seed=args.seed,
+            config_overrides=args.set or (),
+            resume=args.resume,
+        )
+    except (ValueError, OSError) as error:  # bad table, config or output folder: one line, no traceback
+        print(f"clusterformer ablate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _batches(text: str) -> int | float:
+    """Lightning's ``limit_*_batches``: an integer is a number of batches, a fraction a share of them."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of batches or a fraction, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clusterformer", description="ClusterFormer: clustering as a universal visual learner."
@@ -117,21 +185,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clusterformer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in LIGHTNING_COMMANDS.items():  # handled by LightningCLI; listed here for --help
-        sub.add_parser(name, help=text, add_help=False)
+        if name != "predict":  # predict.py's parser describes both forms of predict
+            sub.add_parser(name, help=text, add_help=False)
+    add_predict_parser(sub)
+    add_explain_parser(sub)
+    add_export_parser(sub)
+    add_convert_parser(sub)
 
     bench = sub.add_parser(
         "benchmark",
-        help="parameters, GMACs, throughput and peak memory next to Swin, measured in one run",
-        description="Measure ClusterFormer and its peers (timm's Swin) in one run: parameters, GMACs per image "
+        help="parameters, GMACs, throughput and peak memory next to Swin / Mask2Former / DETR, measured in one run",
+        description="Measure ClusterFormer and its peers in one run: parameters, GMACs per image "
         "(torch.utils.flop_counter, FLOPs/2), inference and training-step (forward + backward + AdamW) images/s "
         "and peak memory. Models are interleaved over several rounds, each measurement in a fresh process. "
-        "CPU runs in fp32; CUDA runs with bf16 autocast.",
+        "CPU runs in fp32; CUDA runs with bf16 autocast. --task classification (default): ClusterFormer-T/S next "
+        "to timm's Swin-T/S, batch 8, 224x224. --task dense: the detection, instance and panoptic models of "
+        "ClusterFormer-T next to DETR and Mask2Former with a Swin-T backbone (transformers, random weights; "
+        "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216.",
     )
     bench.add_argument(
-        "--models", nargs="+", help="timm model names (default: clusterformer_tiny/small, swin_tiny/small)"
+        "--task",
+        choices=["classification", "dense"],
+        default="classification",
+        help="which default set of models, sizes and batch size (default: classification)",
     )
-    bench.add_argument("--batch-size", type=int, default=8)
-    bench.add_argument("--img-size", type=int, default=224)
+    bench.add_argument(
+        "--models",
+        nargs="+",
+        help="model names: timm names, clusterformer_{nano,tiny,small}_{detection,instance,panoptic}, "
+        "mask2former_swin_{tiny,small}, detr_swin_{tiny,small} (default: the --task set)",
+    )
+    bench.add_argument("--batch-size", type=int, help="default: 8 (classification), 1 (dense)")
+    bench.add_argument(
+        "--img-size",
+        type=_img_size,
+        action="append",
+        help="N or HxW (e.g. 800x1216); repeat for one table per size (default: 224; dense: 512 and 800x1216)",
+    )
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
     bench.add_argument("--iters", type=int, default=5, help="timed iterations per round")
     bench.add_argument("--warmup", type=int, default=2)
@@ -139,8 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
     )
-    bench.add_argument("--no-train", action="store_true", help="skip the training-step measurement")
-    bench.add_argument("--quick", action="store_true", help="clusterformer_tiny and swin_tiny, 1 round of 3 iterations")
+    bench.add_argument(
+        "--no-train", action="store_true", help="skip the training-step measurement (dense models never have one)"
+    )
+    bench.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first pair of the set (clusterformer_tiny and swin_tiny; dense: clusterformer_tiny_instance and "
+        "mask2former_swin_tiny at 512 only), 1 round of 3 iterations",
+    )
     bench.add_argument(
         "--profile", action="store_true", help="instead of timing, print where the time goes, by operator (CPU)"
     )
@@ -189,6 +286,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pred", help="predictions: COCO results JSON")
     evaluate.add_argument("--out", help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=_evaluate)
+
+    ablate = sub.add_parser(
+        "ablate",
+        help="train the variants of one of the paper's ablation tables (Table 6a-6f) and write the table",
+        description="Train and validate every variant of one part of the paper's Table 6 with the task, data and "
+        "trainer of a LightningCLI config (the file that 'clusterformer fit' takes), same seed for every row, and "
+        "write OUT/table_<id>.md (the paper's layout, parameter counts measured from each model) and "
+        "OUT/table_<id>.json; each row logs and checkpoints into OUT/table_<id>/<row>. 6a components, 6b "
+        "iterations T, 6c center update, 6d head dimension, 6e feature dispatching: a classification config; 6f "
+        "decoder query initialisation: an instance segmentation config. See docs/training.md, Ablations.",
+    )
+    ablate.add_argument("--table", required=True, help="6a, 6b, 6c, 6d, 6e or 6f")
+    ablate.add_argument("--config", required=True, help="LightningCLI YAML config of the task and data")
+    ablate.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
+    ablate.add_argument("--max-epochs", type=int, help="default: the config's trainer.max_epochs")
+    ablate.add_argument("--limit-train-batches", type=_batches, help="batches (integer) or share (fraction) per epoch")
+    ablate.add_argument("--limit-val-batches", type=_batches, help="batches (integer) or share (fraction)")
+    ablate.add_argument("--seed", type=int, help="seed of every row (default: the config's seed_everything, or 0)")
+    ablate.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config setting, as LightningCLI's --KEY VALUE (repeatable), e.g. "
+        "--set data.init_args.root=/tmp/shapes/imagefolder",
+    )
+    ablate.add_argument(
+        "--resume", action="store_true", help="continue the rows of an earlier run in --out from their checkpoints"
+    )
+    ablate.set_defaults(func=_ablate)
     return parser
 
 
@@ -219,7 +345,8 @@ def run_lightning(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
+    # `predict --task T --ckpt CKPT IMAGES`: predict.py; `predict --config FILE ...`: LightningCLI
+    if argv and argv[0] in LIGHTNING_COMMANDS and (argv[0] != "predict" or is_lightning_predict(argv)):
         return run_lightning(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -377,21 +377,10 @@ def plot_instances(task, data, path: Path, count: int = 6, min_score: float = 0.
 
 def _colour_map(classes, ids=None):
     """RGB picture of a class map (255 / negative = black); with ``ids``, segment boundaries drawn white."""
-    import numpy as np
-
     from .data import CATEGORIES
+    from .pictures import class_colours, colour_map
 
-    palette = np.zeros((256, 3))
-    for i, category in enumerate(CATEGORIES):
-        palette[i] = np.array(category["color"]) / 255
-    picture = palette[np.clip(classes, 0, 255)]
-    picture[classes < 0] = 0
-    if ids is not None:
-        edge = np.zeros(ids.shape, bool)
-        edge[1:] |= ids[1:] != ids[:-1]
-        edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-        picture[edge] = 1.0
-    return picture
+    return colour_map(classes, class_colours(len(CATEGORIES), CATEGORIES), ids) / 255
 
 
 def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:

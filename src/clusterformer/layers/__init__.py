@@ -1,6 +1,6 @@
 """Building blocks of ClusterFormer. Depends on torch only."""
 
-from .clustering import CENTER_UPDATES, CenterInit, RecurrentClustering, assignment_maps
+from .clustering import CENTER_UPDATES, CenterInit, RecurrentClustering, assignment_maps, is_tracing
 from .dispatching import DISPATCHES, FeatureDispatch
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "FeatureDispatch",
     "RecurrentClustering",
     "assignment_maps",
+    "is_tracing",
 ]

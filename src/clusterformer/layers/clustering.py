@@ -23,6 +23,15 @@ from torch import nn
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
 
 
+def is_tracing() -> bool:
+    """Whether the model is being traced into a graph (``torch.jit.trace``, ``torch.export``, ONNX export).
+
+    A traced graph must hold for every input size: the few places that pick a path from the sizes at run time
+    (chunking, ``linspace``, adaptive pooling) take a size-independent path instead, with the same results."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting()
+
+
 def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``F.normalize(x, dim=dim)`` (eps 1e-12 on the norm), written with a sum of squares, which is
     several times faster than ``F.normalize`` along a non-contiguous axis on CPU."""
@@ -49,8 +58,25 @@ class CenterInit(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens (B, H, W, C)`` -> ``centers (B, K, center_dim)``, row-major over the grid."""
-        pooled = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), self.grid)  # (B, C, gh, gw)
-        return self.fc2(self.act(self.fc1(pooled.flatten(2).transpose(1, 2))))
+        if is_tracing():
+            pooled = grid_pool(tokens, self.grid)
+        else:
+            pooled = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), self.grid).flatten(2).transpose(1, 2)
+        return self.fc2(self.act(self.fc1(pooled)))
+
+
+def grid_pool(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``adaptive_avg_pool2d`` of ``tokens (B, H, W, C)`` to ``grid`` as two matrix products, ``(B, K, C)``
+    row-major over the grid. Exporters cannot lower adaptive pooling when the input size is not known (ONNX has no
+    such operator, and ``torch.export`` specialises on whether the size divides the grid); this form holds for
+    every size."""
+    _, h, w, _ = tokens.shape
+    rows = grid_bins(h, grid[0], tokens.device).to(tokens.dtype)  # (gh, H)
+    cols = grid_bins(w, grid[1], tokens.device).to(tokens.dtype)  # (gw, W)
+    rows = rows / rows.sum(1, keepdim=True)
+    cols = cols / cols.sum(1, keepdim=True)
+    pooled = torch.matmul(rows, tokens.transpose(1, 2))  # (B, W, gh, C)
+    return torch.matmul(cols, pooled.transpose(1, 2)).flatten(1, 2)  # (B, gh, gw, C) -> (B, gh * gw, C)
 
 
 def grid_bins(size: int, bins: int, device: torch.device | None = None) -> torch.Tensor:

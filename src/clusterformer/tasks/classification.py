@@ -17,6 +17,7 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
+from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
 
 
@@ -123,8 +124,11 @@ class ClassificationTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["clusterformer_task"] = "classification"  # read by weights.task_from_checkpoint
+        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_dataset_info(self, checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
 

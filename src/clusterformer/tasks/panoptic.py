@@ -30,6 +30,7 @@ from ..losses import IGNORE_INDEX, panoptic_criterion
 from ..metrics.coco import coco_evaluate
 from ..metrics.panoptic import PanopticQuality
 from ..metrics.semantic import SemanticConfusion
+from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
 from .semantic import ImageOnly
 from .sets import pad_batch, set_optimizers
@@ -229,7 +230,7 @@ class PanopticTask(L.LightningModule):
 
     # --- evaluation -------------------------------------------------------------------------------
     def _categories(self) -> list[dict]:
-        data = getattr(self.trainer, "datamodule", None)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None  # predict: none
         categories = getattr(data, "categories", None)
         if categories is None:
             categories = [
@@ -345,8 +346,11 @@ class PanopticTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["clusterformer_task"] = "panoptic"  # read by weights.task_from_checkpoint
+        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_dataset_info(self, checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
 

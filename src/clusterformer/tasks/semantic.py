@@ -22,6 +22,7 @@ from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
 from ..losses import semantic_criterion
 from ..metrics.semantic import SemanticConfusion
+from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
 from .sets import pad_batch, set_optimizers
 
@@ -237,7 +238,10 @@ class SemanticTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["clusterformer_task"] = "semantic"  # read by weights.task_from_checkpoint
+        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_dataset_info(self, checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])

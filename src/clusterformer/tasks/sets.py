@@ -25,6 +25,7 @@ from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, detection_criterion, instance_criterion
 from ..matching import HungarianMatcher
 from ..metrics.coco import coco_evaluate, to_coco_results
+from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
 
 TASKS = ("detection", "instance")
@@ -357,7 +358,10 @@ class SetTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["clusterformer_task"] = self.hparams.task  # read by weights.task_from_checkpoint
+        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_dataset_info(self, checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])

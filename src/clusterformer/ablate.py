@@ -1,0 +1,495 @@
+"""The ablations of paper Table 6 (§4.2): train every variant of one table on a dataset and write the table.
+
+Each table is data: a list of ``(row label as printed in the paper, overrides)``. The overrides of tables
+6a-6e are ClusterFormer constructor options (``docs/architecture.md``, "Variants") and go into the
+classifier's ``model_kwargs``; those of 6f are decoder options and go into ``SetTask``'s ``decoder``. A row
+whose overrides are ``None`` is a method of the paper that this implementation does not have; it is
+listed in the output as not reproduced, never trained as a stand-in.
+
+``run_ablation`` reads the same LightningCLI config that ``clusterformer fit`` takes, builds the task, the
+data and the trainer of every row from it (same seed for every row), trains, validates and writes
+``table_<id>.md`` (the paper's layout) and ``table_<id>.json``. Each row logs and checkpoints into its own
+sub-folder of the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from argparse import ArgumentError
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import yaml
+from torch.overrides import TorchFunctionMode
+
+# --- the tables ---------------------------------------------------------------------------------------
+
+Rows = list[tuple[str, dict | None]]
+
+TABLES: dict[str, Rows] = {
+    # (a) Key Component Analysis. The paper's counts (21.73M < 23.46M < 26.27M < 27.85M) and 6e's "None"
+    # row (26.27M, as "+ Recurrent ...") say that "+ X" means X alone on top of the BASELINE.
+    "6a": [
+        ("BASELINE", {"baseline": True}),
+        (
+            "+ Recurrent Cross-Attention Clustering",
+            {"baseline": False, "center_update": "recurrent", "dispatch": "none"},
+        ),
+        ("+ Feature Dispatching", {"baseline": False, "center_update": "none", "dispatch": "ours"}),
+        ("ClusterFormer (both)", {"baseline": False, "center_update": "recurrent", "dispatch": "ours"}),
+    ],
+    # (b) the number of E/M iterations T
+    "6b": [(str(t), {"iterations": t}) for t in (1, 2, 3, 4)],
+    # (c) Recurrent Cross-Attention Clustering: the center update
+    "6c": [
+        ("Cosine Similarity", {"center_update": "cosine"}),
+        ("Vanilla Cross-Attention [81]", {"center_update": "vanilla"}),
+        ("Criss Cross-Attention [35]", {"center_update": "criss_cross"}),
+        ("K-Means [95]", {"center_update": "kmeans"}),
+        ("Recurrent Cross-Attention", {"center_update": "recurrent"}),
+    ],
+    # (d) head dimension (the number of heads fixed, so the width of the clustering grows)
+    "6d": [(str(d), {"head_dim": d}) for d in (16, 24, 32, 40, 48)],
+    # (e) Feature Dispatching
+    "6e": [
+        ("None", {"dispatch": "none"}),
+        ("Vanilla FC Layer", {"dispatch": "fc"}),
+        ("Confidence-Based [68]", {"dispatch": "confidence"}),
+        ("FC w/ Similarity [58]", {"dispatch": "fc_similarity"}),
+        ("Ours (Eq. 6)", {"dispatch": "ours"}),
+    ],
+    # (f) Decoder Query Initialization for instance segmentation
+    "6f": [
+        ("Free Parameters", {"query_init": "free"}),
+        ("Direct Feature Embedding [17]", None),
+        ("Mixed Query Selection [44]", None),
+        ("Scene-Adoptive Embedding [47]", None),
+        ("Centers from Encoder (Ours)", {"query_init": "encoder"}),
+    ],
+}
+
+# the row of each table that the paper adopts (marked in red there, in bold here)
+ADOPTED = {"6a": 3, "6b": 2, "6c": 4, "6d": 2, "6e": 4, "6f": 4}
+
+
+@dataclass(frozen=True)
+class Layout:
+    caption: str  # the paper's sub-caption
+    first_column: str  # header of the row-label column
+    columns: tuple[tuple[str, str], ...]  # (header, key in the row's metrics); "#Params" is added for 6a-6e
+    percent_digits: int  # decimals of the percentages, as printed in the paper
+
+
+CLASSIFICATION = (("top-1", "top1"), ("top-5", "top5"))
+LAYOUTS = {
+    "6a": Layout("(a) Key Component Analysis", "Algorithm Component", CLASSIFICATION, 2),
+    "6b": Layout("(b) Number of iterations T", "Numbers (T)", CLASSIFICATION, 2),
+    "6c": Layout("(c) Recurrent Cross-Attention Clustering", "Cluster Center Updating Strategy", CLASSIFICATION, 2),
+    "6d": Layout("(d) Head Dimension", "Head Dimension", CLASSIFICATION, 2),
+    "6e": Layout("(e) Feature Dispatching", "Feature Dispatching", CLASSIFICATION, 2),
+    "6f": Layout(
+        "(f) Decoder Query Initialization for instance segmentation",
+        "Decoder Query Initialization",
+        (("mAP", "mAP"), ("AP50", "AP50"), ("AP75", "AP75")),
+        1,
+    ),
+}
+
+# the logged validation metric behind each reported key
+METRICS = {
+    "classification": {"top1": "val/top1", "top5": "val/top5"},
+    "instance": {"mAP": "val/segm_AP", "AP50": "val/segm_AP50", "AP75": "val/segm_AP75"},
+}
+
+NOT_REPRODUCED = (
+    "not reproduced: the clustering decoder has no such query initialisation (only learnt free queries and the "
+    "encoder's centers), and this table does not train a stand-in for it"
+)
+
+
+def check_table(table: str) -> str:
+    """``table`` normalised (``"6A"``, ``"table6a"`` -> ``"6a"``); a ``ValueError`` naming the choices if unknown."""
+    key = str(table).lower().removeprefix("table").strip().lstrip("_ ")
+    if key not in TABLES:
+        raise ValueError(f"unknown ablation table {table!r}; choose one of {', '.join(TABLES)} (paper Table 6)")
+    return key
+
+
+def table_task(table: str) -> str:
+    """``"classification"`` (6a-6e, ImageNet in the paper) or ``"instance"`` (6f, COCO)."""
+    return "instance" if check_table(table) == "6f" else "classification"
+
+
+# --- building one row ---------------------------------------------------------------------------------
+
+
+def _config_args(overrides: Sequence[str]) -> list[str]:
+    """``["data.init_args.root=/x", ...]`` -> ``["--data.init_args.root", "/x", ...]`` (LightningCLI arguments)."""
+    args = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config override {item!r} is not KEY=VALUE (e.g. data.init_args.root=data/shapes)")
+        args += [f"--{key.strip().removeprefix('--')}", value]
+    return args
+
+
+def _redirect_outputs(trainer_config, row_dir: Path) -> None:
+    """Point the trainer's root, every logger's ``save_dir`` and every callback's ``dirpath`` (checkpoints)
+    at ``row_dir``, keeping the classes and the other settings of the config."""
+    trainer_config.default_root_dir = str(row_dir)
+    for name, key, path in (("logger", "save_dir", row_dir), ("callbacks", "dirpath", row_dir / "checkpoints")):
+        entries = trainer_config.get(name)
+        for entry in entries if isinstance(entries, list) else [entries]:
+            init_args = getattr(entry, "init_args", None)
+            if init_args is not None and key in init_args:
+                init_args[key] = str(path)
+
+
+def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> None:
+    """Merge a row's overrides into the task's constructor options (in place)."""
+    init_args = model_config.init_args
+    class_path = model_config.class_path
+    if task == "classification":
+        if "model_kwargs" not in init_args:
+            raise ValueError(
+                f"{config_path}: this table ablates the image classifier (top-1 / top-5 on ImageNet in the paper); "
+                f"the config's model must be clusterformer.tasks.ClassificationTask, got {class_path}"
+            )
+        key = "model_kwargs"
+    else:
+        if "decoder" not in init_args or init_args.get("task") != "instance":
+            raise ValueError(
+                f"{config_path}: table 6f ablates instance segmentation (mask AP on COCO in the paper); the config's "
+                f"model must be clusterformer.tasks.SetTask with task: instance, got {class_path}"
+                + (f" with task: {init_args.get('task')}" if "task" in init_args else "")
+            )
+        key = "decoder"
+    init_args[key] = {**(init_args.get(key) or {}), **overrides}
+
+
+def build_row(
+    table: str,
+    row: int,
+    config: str | Path,
+    row_dir: str | Path,
+    *,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    limit_train_batches: float | None = None,
+    limit_val_batches: float | None = None,
+    config_overrides: Sequence[str] = (),
+    progress_bar: bool = True,
+):
+    """The ``(task, data, trainer)`` of row ``row`` (0-based) of ``table``, from a LightningCLI config.
+
+    The config is parsed by ``LightningCLI`` exactly as ``clusterformer fit --config config`` would (classes,
+    types, defaults), with ``config_overrides`` (``"KEY=VALUE"``, e.g. ``"data.init_args.root=..."``) and the
+    trainer limits on top, then the row's overrides are merged into the task's options, the seed is set to
+    ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``.
+    """
+    from lightning import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    table = check_table(table)
+    label, overrides = TABLES[table][row]
+    if overrides is None:
+        raise ValueError(f"table {table}, row {label!r}: {NOT_REPRODUCED}")
+    config_path = Path(config)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: config file not found")
+    row_dir = Path(row_dir)
+    task = table_task(table)
+    args = ["--config", str(config_path), *_config_args(config_overrides), "--seed_everything", str(seed)]
+    for name, value in (
+        ("max_epochs", max_epochs),
+        ("limit_train_batches", limit_train_batches),
+        ("limit_val_batches", limit_val_batches),
+    ):
+        if value is not None:
+            args += [f"--trainer.{name}", str(value)]
+    if not progress_bar:
+        args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+    class RowCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            _apply_row(self.config.model, task, overrides, config_path)
+            _redirect_outputs(self.config.trainer, row_dir)
+
+    try:
+        with warnings.catch_warnings():
+            # LightningCLI warns when ``args`` is given while sys.argv holds the ``clusterformer ablate`` arguments
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = RowCLI(
+                LightningModule,
+                LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                run=False,
+                args=args,
+                save_config_kwargs={"overwrite": True},  # each row's full config lands in its log folder
+                parser_kwargs={"exit_on_error": False},
+            )
+    except (ArgumentError, TypeError, ValueError) as error:  # jsonargparse's errors, prefixed with the config
+        if str(config_path) in str(error):
+            raise
+        raise ValueError(f"{config_path}: {error}") from error
+    return cli.model, cli.datamodule, cli.trainer
+
+
+def count_parameters(module: torch.nn.Module, img_size: int = 64) -> tuple[int, int]:
+    """``(used, total)`` parameters of ``module``: ``used`` counts those that the forward pass of one
+    ``(1, 3, img_size, img_size)`` image computes with (every torch operation is watched for them).
+
+    Some variants hold parameters that their forward pass never touches (the clustering of the BASELINE,
+    see ``docs/architecture.md``); ``used`` is the size of the model that the variant actually is. A gradient
+    would not do: the one-hot assignments of ``kmeans`` pass none to the projections they depend on.
+    """
+    names = {id(p): p.numel() for p in module.parameters()}
+    # a fixed, non-constant image: no random numbers drawn, so training sees the same generator state
+    image = torch.linspace(-1.0, 1.0, 3 * img_size * img_size).view(1, 3, img_size, img_size)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), _ParameterUse(names) as watch:
+            module(image)
+    finally:
+        module.train(was_training)
+    return sum(names[i] for i in watch.used), sum(names.values())
+
+
+class _ParameterUse(TorchFunctionMode):
+    """Records which of the tensors with the given ids enter a torch operation (attribute reads excluded)."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+        self.used = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":  # ``param.shape`` and the like are not a use
+            self.used.update(id(t) for t in _tensors((args, kwargs)) if id(t) in self.ids)
+        return func(*args, **kwargs)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    return [t for item in value for t in _tensors(item)] if isinstance(value, list | tuple) else []
+
+
+# --- running a table ----------------------------------------------------------------------------------
+
+
+def _slug(index: int, label: str) -> str:
+    return f"{index + 1}_" + (re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row")
+
+
+def _read_seed(config: Path) -> int:
+    """The config's ``seed_everything`` if it is a number, else 0: every row must start from the same seed."""
+    try:
+        seed = (yaml.safe_load(config.read_text()) or {}).get("seed_everything")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return 0
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+
+
+def run_ablation(
+    table: str,
+    config: str | Path,
+    out_dir: str | Path = "runs/ablate",
+    *,
+    max_epochs: int | None = None,
+    limit_train_batches: float | None = None,
+    limit_val_batches: float | None = None,
+    seed: int | None = None,
+    config_overrides: Sequence[str] = (),
+    progress_bar: bool = True,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train and validate every row of ``table`` with the settings of ``config`` and write the table.
+
+    Args:
+        table: ``"6a"``, ``"6b"``, ``"6c"``, ``"6d"``, ``"6e"`` (classification config) or ``"6f"`` (instance
+            segmentation config).
+        config: a LightningCLI YAML (what ``clusterformer fit --config`` takes).
+        out_dir: ``table_<id>.md``, ``table_<id>.json`` and one sub-folder per row (logs, checkpoints, config).
+        max_epochs, limit_train_batches, limit_val_batches: override the config's trainer settings.
+        seed: the seed of every row (default: the config's ``seed_everything``, or 0).
+        config_overrides: ``"KEY=VALUE"`` config settings, as LightningCLI arguments without the dashes
+            (e.g. ``"data.init_args.root=/data/shapes/imagefolder"``).
+        progress_bar: Lightning's progress bar and model summary.
+        resume: continue the rows of an earlier run in ``out_dir`` from their last checkpoints (rows that
+            finished are only validated again). Without it, checkpoints found there are an error: the
+            configs' ``OnExceptionCheckpoint`` would make Lightning resume from them silently.
+        log: where the progress lines and the final table go (default: ``print``, flushed).
+
+    Returns the report that is written as JSON: the settings and, per row, its label, overrides, parameter
+    counts (``params``: used by the forward pass; ``params_total``), metrics (fractions in [0, 1]; ``None``
+    where not defined), seconds and folder.
+    """
+    table = check_table(table)
+    config = Path(config)
+    if not config.is_file():
+        raise FileNotFoundError(f"{config}: config file not found")
+    log = log or partial(print, flush=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed = _read_seed(config) if seed is None else seed
+    task = table_task(table)
+    rows = TABLES[table]
+    row_dirs = [out_dir / f"table_{table}" / _slug(index, label) for index, (label, _) in enumerate(rows)]
+    earlier = [path for row_dir in row_dirs for path in sorted(row_dir.rglob("*.ckpt"))[:1]]
+    if earlier and not resume:
+        raise FileExistsError(
+            f"{earlier[0].parent}: checkpoints of an earlier ablation run; pass --resume (resume=True) to continue "
+            "those runs, or choose another output folder"
+        )
+    report = {
+        "table": table,
+        "caption": LAYOUTS[table].caption,
+        "task": task,
+        "config": str(config),
+        "config_overrides": list(config_overrides),
+        "seed": seed,
+        "max_epochs": None,
+        "limit_train_batches": limit_train_batches,
+        "limit_val_batches": limit_val_batches,
+        "rows": [],
+    }
+    for index, (label, overrides) in enumerate(rows):
+        prefix = f"[{index + 1}/{len(rows)}] Table {table}: {label}"
+        entry = {"label": label, "overrides": overrides, "adopted": index == ADOPTED[table]}
+        if overrides is None:
+            log(f"{prefix}: not reproduced")
+            report["rows"].append({**entry, "reproduced": False})
+            continue
+        row_dir = row_dirs[index]
+        log(f"{prefix} ({', '.join(f'{k}={v}' for k, v in overrides.items())}): training in {row_dir}")
+        start = time.perf_counter()
+        model, data, trainer = build_row(
+            table,
+            index,
+            config,
+            row_dir,
+            seed=seed,
+            max_epochs=max_epochs,
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            config_overrides=config_overrides,
+            progress_bar=progress_bar,
+        )
+        used, total = count_parameters(model)
+        trainer.fit(model, datamodule=data, ckpt_path="last" if resume else None)
+        logged = trainer.validate(model, datamodule=data, verbose=False)[0]
+        metrics = {key: _fraction(logged.get(name)) for key, name in METRICS[task].items()}
+        seconds = time.perf_counter() - start
+        report.update(
+            model=_model_name(model),
+            dataset=data.describe() if hasattr(data, "describe") else type(data).__name__,
+            num_classes=getattr(data, "num_classes", None),
+            max_epochs=trainer.max_epochs,
+        )
+        report["rows"].append(
+            {
+                **entry,
+                "reproduced": True,
+                "params": used,
+                "params_total": total,
+                "metrics": metrics,
+                "seconds": round(seconds, 1),
+                "dir": str(row_dir),
+            }
+        )
+        shown = ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
+        log(f"{prefix}: {shown}, {used / 1e6:.2f}M params, {seconds:.0f} s")
+    markdown = markdown_table(report)
+    (out_dir / f"table_{table}.md").write_text(markdown)
+    (out_dir / f"table_{table}.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(markdown)
+    log(f"wrote {out_dir / f'table_{table}.md'} and {out_dir / f'table_{table}.json'}")
+    return report
+
+
+def _fraction(value) -> float | None:
+    return None if value is None else float(value)
+
+
+def _model_name(model) -> str:
+    hparams = getattr(model, "hparams", {})
+    return str(hparams.get("model") or hparams.get("backbone") or type(model).__name__)
+
+
+def markdown_table(report: dict) -> str:
+    """The paper's layout of one Table 6 part, from ``run_ablation``'s report, with a header saying what
+    data it was measured on and footnotes for what differs from the paper."""
+    table = report["table"]
+    layout = LAYOUTS[table]
+    with_params = report["task"] == "classification"
+    headers = [layout.first_column, *(["#Params"] if with_params else []), *(h for h, _ in layout.columns)]
+    paper_data = "ImageNet-1K" if with_params else "COCO"
+    limits = ", ".join(
+        f"{name} {report[key]}"
+        for name, key in (("limit_train_batches", "limit_train_batches"), ("limit_val_batches", "limit_val_batches"))
+        if report.get(key) is not None
+    )
+    epochs = report.get("max_epochs")
+    lines = [
+        f"**Table {table}** {layout.caption}: `{report.get('model', '?')}` on `{report.get('dataset', '?')}`, "
+        f"{epochs} epoch{'' if epochs == 1 else 's'}{f' ({limits})' if limits else ''}, seed {report['seed']}, "
+        f"config `{report['config']}`. These are not {paper_data} numbers: compare the rows with each other, "
+        "not with the paper.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(headers) - 1)) + " |",
+    ]
+    notes = []
+    unused_mark, missing_mark, skipped_mark = "†", "‡", "§"
+    for row in report["rows"]:
+        label = f"**{row['label']}**" if row["adopted"] else row["label"]
+        if not row["reproduced"]:
+            cells = [f"{label}{skipped_mark}", *(["—"] if with_params else []), *("—" for _ in layout.columns)]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        cells = [label]
+        if with_params:
+            mark = unused_mark if row["params_total"] != row["params"] else ""
+            cells.append(f"{row['params'] / 1e6:.2f}M{mark}")
+        for _, key in layout.columns:
+            value = row["metrics"].get(key)
+            cells.append(f"—{missing_mark}" if value is None else f"{100 * value:.{layout.percent_digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    body = "\n".join(lines)
+    if unused_mark in body:
+        totals = ", ".join(
+            f"{row['label']} {row['params_total'] / 1e6:.2f}M"
+            for row in report["rows"]
+            if row["reproduced"] and row["params_total"] != row["params"]
+        )
+        notes.append(
+            f"#Params counts the parameters that the forward pass computes with. {unused_mark} The module also holds "
+            f"parameters that it never touches (in all: {totals}): without dispatching the classifier never sees the "
+            "clustering, and without a center update the query projection is idle (docs/architecture.md, Variants)."
+        )
+    if missing_mark in body:
+        notes.append(
+            f"{missing_mark} not defined here: the dataset has {report.get('num_classes')} classes "
+            "(top-5 needs at least 5)."
+        )
+    if skipped_mark in body:
+        notes.append(f"{skipped_mark} {NOT_REPRODUCED}.")
+    if with_params:
+        notes.append("Accuracies in %, on the validation split. The adopted design of the paper in bold.")
+    else:
+        notes.append("Mask AP in % (pycocotools), on the validation split. The adopted design of the paper in bold.")
+    return body + "\n\n" + "\n\n".join(notes) + "\n"

@@ -1,0 +1,347 @@
+"""Safe weights: task checkpoints loaded without running code, and the safetensors + JSON weight format.
+
+* :func:`load_checkpoint` reads a Lightning checkpoint with ``torch.load(weights_only=True)`` only: a file whose
+  pickle would build other objects than tensors and plain containers (a pickle that runs code) is refused.
+* :func:`task_from_checkpoint` rebuilds the task's LightningModule from the checkpoint's ``hyper_parameters``
+  and loads its state dict. The task is the ``clusterformer_task`` key that every task writes into its
+  checkpoints (Lightning itself records no class); older checkpoints are recognised by their hyperparameters.
+* :func:`convert_checkpoint` writes ``PREFIX.safetensors`` (the task model's state dict, keys without the task's
+  ``model.`` prefix; with ``backbone_only`` just the encoder, keys without ``backbone.``) and ``PREFIX.json``
+  (task, model name, number of classes and the task's hyperparameters); :func:`load_weights` rebuilds the model
+  from the pair. A classifier's file (and any ``backbone_only`` file) loads with timm::
+
+      timm.create_model("clusterformer_nano", pretrained=True, num_classes=N,
+                        pretrained_cfg_overlay=dict(file="PREFIX.safetensors", num_classes=N))
+
+  (timm drops the head of a file whose ``num_classes`` is not the overlay's, 1000 by default) and the encoder of
+  a dense task through ``backbone_kwargs={"pretrained": True, "pretrained_cfg_overlay": {"file": ...}}``.
+
+See ``docs/deployment.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import pickle
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+TASK_KEY = "clusterformer_task"  # written by every task's on_save_checkpoint
+WEIGHTS_FORMAT = "clusterformer-weights"
+WEIGHTS_VERSION = 1
+# constructor options that would load other weights when the model is rebuilt; the weights come from the file
+_PRETRAINED_OPTIONS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weight file that cannot be used; the message names the file and the problem."""
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with a :class:`CheckpointError` that names
+    the file when it is missing, is not a PyTorch checkpoint, or holds objects a weights-only load refuses."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file is empty)")
+    try:
+        with warnings.catch_warnings():  # torch's note on pickle protocols: the error below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "GLOBAL" in str(error):  # a class or function to call, not in the weights-only allow-list
+            raise CheckpointError(
+                f"{path}: refused: the file holds pickled objects that a weights-only load does not allow and that "
+                f"could run code ({_reason(error)}); load it with torch.load(weights_only=False) only if you trust "
+                "its origin"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({_reason(error)})") from None
+    except EOFError:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (the file ends early: truncated?)") from None
+    except Exception as error:  # torch.load raises all kinds of errors on files that are not checkpoints
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(error).__name__}: {_reason(error)})") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _reason(error: Exception) -> str:
+    """The line of a load error that says what went wrong (e.g. ``Trying to load unsupported GLOBAL posix.system
+    ...``), without torch's advice around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    advice = ("weights only load failed", "check the documentation", "please file an issue")
+    useful = [line for line in lines if "unsupported" in line.lower()]
+    useful += [line for line in lines if not line.lower().startswith(advice)]
+    return useful[0].split(". ")[0].rstrip(".") if useful else type(error).__name__
+
+
+# --- tasks --------------------------------------------------------------------------------------------------------
+def task_class(task: str) -> type:
+    """The LightningModule class of ``task`` (one of :data:`TASKS`)."""
+    from .tasks import ClassificationTask, PanopticTask, SemanticTask, SetTask
+
+    classes = {"classification": ClassificationTask, "detection": SetTask, "instance": SetTask,
+               "semantic": SemanticTask, "panoptic": PanopticTask}  # fmt: skip
+    if task not in classes:
+        raise CheckpointError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    return classes[task]
+
+
+def checkpoint_task(checkpoint: dict, path: str | Path = "checkpoint") -> str:
+    """The task of a loaded checkpoint: its ``clusterformer_task`` key, else the class LightningCLI recorded
+    (``_class_path``), else the task whose constructor takes exactly its hyperparameters."""
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(checkpoint.get("state_dict"), dict) or not isinstance(hparams, dict):
+        raise CheckpointError(f"{path}: not a task checkpoint (no state_dict and hyper_parameters; a Lightning "
+                              "checkpoint written by 'clusterformer fit' is expected)")  # fmt: skip
+    task = checkpoint.get(TASK_KEY)
+    if task is None:
+        class_name = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
+        by_class = {"ClassificationTask": "classification", "SemanticTask": "semantic", "PanopticTask": "panoptic"}
+        if class_name == "SetTask":
+            task = hparams.get("task", "detection")
+        elif class_name:
+            task = by_class.get(class_name, class_name)
+        else:
+            task = _task_from_hparams(hparams)
+    if task not in TASKS:
+        raise CheckpointError(f"{path}: a checkpoint of an unknown task {task!r} (expected one of {', '.join(TASKS)})")
+    return task
+
+
+def _task_from_hparams(hparams: dict) -> str | None:
+    """The task whose constructor takes every one of ``hparams`` and the argument only it has (checkpoints
+    written before tasks recorded ``clusterformer_task``)."""
+    keys = {k for k in hparams if not str(k).startswith("_")}
+    for task, marker in (("classification", "model"), ("detection", "task"), ("panoptic", "num_things"),
+                         ("semantic", None)):  # fmt: skip
+        accepted = set(inspect.signature(task_class(task).__init__).parameters)
+        if keys <= accepted and (marker is None or marker in keys):
+            return hparams["task"] if task == "detection" else task
+    return None
+
+
+def rebuild_kwargs(hparams: dict) -> dict:
+    """A task's constructor arguments from its stored hyperparameters: without LightningCLI's private keys and
+    without options that would load pretrained weights (the weights come from the checkpoint)."""
+    kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    for key in ("model_kwargs", "backbone_kwargs"):
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = {k: v for k, v in kwargs[key].items() if k not in _PRETRAINED_OPTIONS}
+    return kwargs
+
+
+def build_task(task: str, hparams: dict, path: str | Path = "checkpoint"):
+    """The ``task`` LightningModule built from ``hparams`` (see :func:`rebuild_kwargs`), randomly initialised."""
+    try:
+        return task_class(task)(**rebuild_kwargs(hparams))
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: cannot rebuild the {task} model from its hyperparameters ({error})") from None
+
+
+def _load_state(module: nn.Module, state: dict, path: str | Path, what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise CheckpointError(
+            f"{path}: the weights do not fit the {what} rebuilt from its settings (another architecture?): "
+            f"{detail[:400]}{'...' if len(detail) > 400 else ''}"
+        ) from None
+
+
+def task_from_checkpoint(path: str | Path, task: str | None = None):
+    """``(task_name, module)``: the task's LightningModule rebuilt from a Lightning checkpoint's hyperparameters,
+    with its weights, in eval mode. With ``task``, a checkpoint of another task is a :class:`CheckpointError`."""
+    checkpoint = load_checkpoint(path)
+    found = checkpoint_task(checkpoint, path)
+    if task is not None and found != task:
+        raise CheckpointError(f"{path}: a {found} checkpoint, not {task}")
+    module = build_task(found, checkpoint["hyper_parameters"], path)
+    _load_state(module, checkpoint["state_dict"], path, f"{found} model")
+    return found, module.eval()
+
+
+# --- safetensors + JSON -----------------------------------------------------------------------------------------
+def _prefix(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = False) -> tuple[Path, Path]:
+    """Write the model of a task checkpoint as ``OUT.safetensors`` and ``OUT.json`` (``out`` is the prefix; a
+    ``.safetensors`` or ``.json`` suffix is dropped). Returns the two paths.
+
+    ``backbone_only`` keeps only the encoder (keys without ``backbone.``; for a classifier, the model without its
+    head) to initialise another task's backbone.
+    """
+    from safetensors.torch import save_file
+
+    from .export import atomic_output
+
+    task, module = task_from_checkpoint(ckpt)
+    hparams = dict(module.hparams)
+    model = module.model
+    if task == "classification":
+        name = hparams["model"]
+        encoder = model
+    else:
+        name = hparams["backbone"]
+        encoder = model.backbone
+    if backbone_only:
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
+        num_classes = 0
+    else:
+        state = model.state_dict()
+        num_classes = int(hparams["num_classes"])
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}  # safetensors refuses shared storage
+    description = {
+        "format": WEIGHTS_FORMAT,
+        "version": WEIGHTS_VERSION,
+        "task": task,
+        "model": name,
+        "num_classes": num_classes,
+        "backbone_only": backbone_only,
+        "task_class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "hyper_parameters": _json_safe(rebuild_kwargs(hparams)),
+    }
+    prefix = _prefix(out)
+    weights, info = prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
+    description["weights"] = weights.name
+    metadata = {"format": "pt", "task": task, "model": name, "num_classes": str(num_classes)}
+    with atomic_output(weights) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+    with atomic_output(info) as tmp:
+        tmp.write_text(json.dumps(description, indent=2) + "\n")
+    return weights, info
+
+
+def read_description(path: str | Path) -> tuple[dict, Path]:
+    """The JSON description of a weight file and the safetensors path: ``path`` is the prefix, the
+    ``.safetensors`` file or the ``.json`` file."""
+    prefix = _prefix(path)
+    info = prefix.with_name(prefix.name + ".json")
+    if not info.is_file():
+        raise CheckpointError(f"{info}: not found (the JSON that 'clusterformer convert' writes beside the "
+                              f"weights says what model to build; for plain timm weights use --model)")  # fmt: skip
+    try:
+        description = json.loads(info.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{info}: not a readable JSON description ({error})") from None
+    if not isinstance(description, dict) or description.get("format") != WEIGHTS_FORMAT:
+        raise CheckpointError(f'{info}: not a {WEIGHTS_FORMAT} description (no "format": "{WEIGHTS_FORMAT}")')
+    if description.get("task") not in TASKS:
+        raise CheckpointError(f"{info}: unknown task {description.get('task')!r}")
+    weights = info.with_name(description.get("weights") or prefix.name + ".safetensors")
+    return description, weights
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
+
+
+def load_weights(path: str | Path) -> nn.Module:
+    """The model (not the LightningModule) described by a ``convert_checkpoint`` pair, with its weights, in eval
+    mode: a timm classifier, a dense ``ClusterFormerSets``, or the encoder alone for a ``backbone_only`` file."""
+    import timm
+
+    import clusterformer  # noqa: F401  (registers the models with timm)
+
+    description, weights = read_description(path)
+    state = _read_safetensors(weights)
+    hparams = description.get("hyper_parameters") or {}
+    if description["task"] == "classification" or description.get("backbone_only"):
+        key = "model_kwargs" if description["task"] == "classification" else "backbone_kwargs"
+        options = rebuild_kwargs(hparams).get(key) or {}
+        try:
+            model = timm.create_model(description["model"], num_classes=description["num_classes"], **options)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{weights}: cannot build {description['model']!r} ({error})") from None
+    else:
+        model = build_task(description["task"], hparams, weights).model
+    _load_state(model, state, weights, description["model"])
+    return model.eval()
+
+
+def load_timm_weights(name: str, weights: str | Path, num_classes: int | None = None) -> nn.Module:
+    """``timm.create_model(name, pretrained=True, num_classes=..., pretrained_cfg_overlay=dict(file=weights))``,
+    strict: with the file's own head (``num_classes`` defaults to the rows of its ``head.weight``, 0 without)."""
+    import timm
+
+    import clusterformer  # noqa: F401
+
+    path = Path(weights)
+    state = _read_safetensors(path)  # checks the file and gives the head size
+    head = state.get("head.weight")
+    found = int(head.shape[0]) if head is not None else 0
+    num_classes = found if num_classes is None else num_classes
+    if num_classes != found:
+        raise CheckpointError(f"{path}: the weights have {found} classes, not --num-classes {num_classes}")
+    try:
+        model = timm.create_model(
+            name, pretrained=True, num_classes=num_classes, pretrained_strict=True,
+            pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
+        )  # fmt: skip
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise CheckpointError(f"{path}: the weights do not fit {name} ({detail[:300]})") from None
+    except Exception as error:  # unknown model name and the like, raised by timm
+        raise CheckpointError(f"cannot build {name!r} with {path}: {error}") from None
+    return model.eval()
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert",
+        help="write a task checkpoint's model as safetensors + JSON (safe to share; loads with timm)",
+        description="Convert a Lightning task checkpoint (loaded with weights_only=True) into PREFIX.safetensors "
+        "(the model's state dict, keys without the task's 'model.' prefix) and PREFIX.json (task, model name, "
+        "number of classes, the task's hyperparameters). A classifier's file loads with timm.create_model(NAME, "
+        "pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=..., num_classes=N)); --backbone-only "
+        "writes the encoder alone (keys without 'backbone.'), to initialise another task through "
+        "backbone_kwargs={pretrained: true, pretrained_cfg_overlay: {file: ...}}. See docs/deployment.md.",
+    )
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of a task")
+    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.safetensors and PREFIX.json")
+    parser.add_argument("--backbone-only", action="store_true", help="write only the encoder")
+    parser.set_defaults(func=_convert)
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        weights, info = convert_checkpoint(args.ckpt, args.out, args.backbone_only)
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
+        print(f"clusterformer convert: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {weights} and {info}", file=sys.stderr)
+    return 0

@@ -1,0 +1,196 @@
+"""The Table 6 ablations: each row builds the variant it names, and one table runs end to end on generated data."""
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import clusterformer  # noqa: F401  (registers the models with timm)
+from clusterformer.ablate import ADOPTED, TABLES, build_row, check_table, count_parameters, run_ablation
+from clusterformer.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFICATION = ROOT / "configs/classification/clusterformer_nano_shapes.yaml"
+INSTANCE = ROOT / "configs/instance/clusterformer_nano_shapes.yaml"
+SMALL_DECODER = (
+    "model.init_args.decoder={num_queries: 10, dim: 32, mask_dim: 32, num_layers: 1, num_heads: 4, ffn_dim: 64}"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster than two, and many times faster on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def shapes(shapes_dir):
+    return shapes_dir(seed=5, num_train=8, num_val=4, size=48)
+
+
+def tiny_classification(root) -> list[str]:
+    return [
+        f"data.init_args.root={root / 'imagefolder'}",
+        "data.init_args.img_size=32",
+        "data.init_args.eval_resize=32",
+        "data.init_args.batch_size=4",
+        "data.init_args.num_workers=0",
+        "trainer.num_sanity_val_steps=0",
+    ]
+
+
+def backbone(overrides: dict):
+    """A one-block-per-stage ClusterFormer (quick to build) with a row's options."""
+    return timm.create_model("clusterformer_nano", num_classes=4, embed_dims=(32,) * 4, depths=(1,) * 4, **overrides)
+
+
+def test_tables_list_the_paper_rows_and_mark_its_defaults():
+    assert list(TABLES) == ["6a", "6b", "6c", "6d", "6e", "6f"]
+    assert [o["iterations"] for _, o in TABLES["6b"]] == [1, 2, 3, 4]
+    assert [o["head_dim"] for _, o in TABLES["6d"]] == [16, 24, 32, 40, 48]
+    assert [o["center_update"] for _, o in TABLES["6c"]] == ["cosine", "vanilla", "criss_cross", "kmeans", "recurrent"]
+    assert [o["dispatch"] for _, o in TABLES["6e"]] == ["none", "fc", "confidence", "fc_similarity", "ours"]
+    assert [o and o["query_init"] for _, o in TABLES["6f"]] == ["free", None, None, None, "encoder"]
+    default = backbone({})
+    block = default.stages[0].blocks[0]
+    defaults = {"iterations": block.clustering.iterations, "head_dim": block.head_dim, "baseline": False,
+                "center_update": block.clustering.update, "dispatch": block.dispatch.mode}  # fmt: skip
+    for table, index in ADOPTED.items():  # the adopted row is the library's default model
+        overrides = TABLES[table][index][1]
+        assert all(defaults.get(key, value) == value for key, value in overrides.items()), table
+    assert TABLES["6f"][ADOPTED["6f"]][1] == {"query_init": "encoder"}
+
+
+def test_classification_rows_build_the_variant_they_name():
+    params = {}
+    for table in ("6a", "6b", "6c", "6d", "6e"):
+        for label, overrides in TABLES[table]:
+            model = backbone(overrides)
+            for block in (stage.blocks[0] for stage in model.stages):
+                baseline = overrides.get("baseline", False)
+                assert block.clustering.update == ("none" if baseline else overrides.get("center_update", "recurrent"))
+                assert block.dispatch.mode == ("none" if baseline else overrides.get("dispatch", "ours"))
+                assert block.clustering.iterations == overrides.get("iterations", 3)
+                assert block.head_dim == overrides.get("head_dim", 32)
+            params[table, label] = count_parameters(model, img_size=32)
+    (baseline, baseline_total), (clustering, _), (dispatching, _), (both, both_total) = (
+        params["6a", label] for label, _ in TABLES["6a"]
+    )
+    assert baseline == clustering < dispatching < both == both_total  # without dispatching the clustering is idle
+    assert baseline < baseline_total
+    assert len({params["6b", label] for label, _ in TABLES["6b"]}) == 1  # T adds no parameters
+    by_head_dim = [params["6d", label][0] for label, _ in TABLES["6d"]]
+    assert by_head_dim == sorted(set(by_head_dim))
+    # the one-hot k-means assignments pass no gradient to the projections, but the forward pass uses them
+    assert params["6c", "K-Means [95]"][0] == both
+
+
+def test_instance_rows_build_the_query_initialisation_they_name(shapes, tmp_path):
+    for index in (0, 4):
+        task, data, trainer = build_row(
+            "6f",
+            index,
+            INSTANCE,
+            tmp_path / str(index),
+            config_overrides=[f"data.init_args.root={shapes}", SMALL_DECODER],
+        )
+        assert task.model.decoder.query_init == TABLES["6f"][index][1]["query_init"]
+        assert len(task.model.decoder.layers) == 1  # the row is merged into the decoder options, not instead
+        assert trainer.default_root_dir == str(tmp_path / str(index))
+        assert all(str(tmp_path / str(index)) in c.dirpath for c in trainer.checkpoint_callbacks)
+    with pytest.raises(ValueError, match="not reproduced"):
+        build_row("6f", 1, INSTANCE, tmp_path / "1")
+
+
+def test_tables_refuse_a_config_of_the_other_task(shapes, tmp_path):
+    with pytest.raises(ValueError, match="ClassificationTask"):
+        build_row("6a", 0, INSTANCE, tmp_path, config_overrides=[f"data.init_args.root={shapes}"])
+    with pytest.raises(ValueError, match="task: instance"):
+        build_row("6f", 0, CLASSIFICATION, tmp_path, config_overrides=tiny_classification(shapes))
+
+
+def test_table_6a_runs_end_to_end(shapes, tmp_path):
+    report = run_ablation(
+        "6a",
+        CLASSIFICATION,
+        tmp_path,
+        max_epochs=1,
+        limit_train_batches=1,
+        limit_val_batches=1,
+        config_overrides=tiny_classification(shapes),
+        progress_bar=False,
+        log=lambda line: None,
+    )
+    saved = json.loads((tmp_path / "table_6a.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [row["label"] for row in saved["rows"]] == [label for label, _ in TABLES["6a"]]
+    for row in saved["rows"]:
+        assert 0 <= row["metrics"]["top1"] <= 1
+        assert row["metrics"]["top5"] is None  # four classes
+        assert (Path(row["dir"]) / "checkpoints" / "last.ckpt").is_file()
+        assert Path(row["dir"]).parent == tmp_path / "table_6a"
+    params = [row["params"] for row in saved["rows"]]
+    assert params[0] == params[1] < params[2] < params[3]
+    markdown = (tmp_path / "table_6a.md").read_text()
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| Algorithm Component | #Params | top-1 | top-5 |"
+    assert len(lines) == 2 + len(TABLES["6a"])
+    assert "**ClusterFormer (both)**" in lines[-1]
+    assert "not ImageNet-1K numbers" in markdown and "1 epoch (" in markdown
+    # a second run into the same folder would silently resume from those checkpoints: refused, unless asked for
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_ablation("6a", CLASSIFICATION, tmp_path, config_overrides=tiny_classification(shapes))
+    checkpoints = {
+        row["dir"]: (Path(row["dir"]) / "checkpoints" / "last.ckpt").stat().st_mtime_ns for row in saved["rows"]
+    }
+    resumed = run_ablation(
+        "6a",
+        CLASSIFICATION,
+        tmp_path,
+        max_epochs=1,
+        limit_val_batches=1,
+        config_overrides=tiny_classification(shapes),
+        progress_bar=False,
+        resume=True,
+        log=lambda line: None,
+    )
+    assert [row["metrics"] for row in resumed["rows"]] == [row["metrics"] for row in saved["rows"]]
+    assert all((Path(d) / "checkpoints" / "last.ckpt").stat().st_mtime_ns == t for d, t in checkpoints.items())
+
+
+def test_table_6f_runs_from_the_command_line(shapes, tmp_path):
+    settings = [
+        f"data.init_args.root={shapes}",
+        SMALL_DECODER,
+        "data.init_args.crop=48",
+        "data.init_args.num_workers=0",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+    ]
+    limits = ["--max-epochs", "1", "--limit-train-batches", "1", "--limit-val-batches", "1"]
+    args = ["ablate", "--table", "6f", "--config", str(INSTANCE), "--out", str(tmp_path), *limits]
+    assert main(args + [item for setting in settings for item in ("--set", setting)]) == 0
+    rows = json.loads((tmp_path / "table_6f.json").read_text())["rows"]
+    assert [row["label"] for row in rows] == [label for label, _ in TABLES["6f"]]
+    assert [row["reproduced"] for row in rows] == [True, False, False, False, True]
+    for row in rows[:1] + rows[4:]:
+        assert set(row["metrics"]) == {"mAP", "AP50", "AP75"}
+        assert all(0 <= value <= 1 for value in row["metrics"].values())
+    markdown = (tmp_path / "table_6f.md").read_text()
+    assert "| Mixed Query Selection [44]§ | — | — | — |" in markdown
+    assert "§ not reproduced" in markdown and "not COCO numbers" in markdown
+
+
+def test_unknown_table_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(ValueError, match="choose one of 6a, 6b, 6c, 6d, 6e, 6f"):
+        check_table("6z")
+    assert check_table("6A") == "6a"
+    assert main(["ablate", "--table", "7", "--config", str(CLASSIFICATION), "--out", str(tmp_path)]) == 2
+    assert "clusterformer ablate: error: unknown ablation table '7'" in capsys.readouterr().err
+    assert main(["ablate", "--table", "6a", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err

@@ -1,0 +1,119 @@
+"""``clusterformer explain``: the cluster maps of a real photograph, one picture per stage at the image's size,
+the decoder's query-to-pixel assignment for dense checkpoints, weights from a file, clear errors."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from skimage import data as photographs
+
+from clusterformer.cli import main
+from clusterformer.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
+from test_predict import train_one_step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one thread is faster than several, much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    Image.fromarray(photographs.astronaut()).save(folder / "astronaut.png")  # 512 x 512
+    Image.fromarray(photographs.chelsea()).save(folder / "chelsea.jpg")  # 451 x 300
+    return folder
+
+
+def explain(*args) -> int:
+    return main(["explain", *map(str, args)])
+
+
+def test_every_stage_is_drawn_over_the_photograph_at_its_size(photos, tmp_path):
+    torch.manual_seed(0)
+    assert explain("--model", "clusterformer_nano", photos / "astronaut.png", "--out", tmp_path, "--size", 224) == 0
+    report = json.loads((tmp_path / "clusters.json").read_text())
+    assert [m["file"] for m in report["maps"]] == ["stage1.png", "stage2.png", "stage3.png", "stage4.png"]
+    for record in report["maps"]:
+        assert record["grid"] == [math.ceil(224 / record["stride"])] * 2 and record["clusters"] == 100
+        assert sum(record["sizes"]) == record["grid"][0] * record["grid"][1]
+        assert sum(record["soft_sizes"]) == pytest.approx(sum(record["sizes"]), rel=1e-3)  # soft: sums to 1 over K
+        picture = Image.open(tmp_path / record["file"])
+        assert picture.size == (512, 512) and picture.mode == "RGB"
+    stage1 = report["maps"][0]
+    assert stage1["used"] > 1  # the hard assignment has several clusters
+    colours = np.unique(np.asarray(Image.open(tmp_path / "stage1.png")).reshape(-1, 3), axis=0)
+    assert len(colours) > 1000  # the photograph shows through the cluster colours
+    assert Image.open(tmp_path / "summary.png").size[0] > 0
+
+
+def test_a_dense_checkpoint_also_shows_the_decoder_assignment(photos, shapes_dir, tmp_path):
+    shapes = shapes_dir(seed=4, num_train=8, num_val=5, size=64)
+    checkpoint = train_one_step("instance", shapes, tmp_path / "instance.ckpt")
+    out = tmp_path / "out"
+    assert explain("--ckpt", checkpoint, photos / "chelsea.jpg", "--out", out, "--size", 128, "--all-heads") == 0
+    report = json.loads((out / "clusters.json").read_text())
+    assert [m["file"] for m in report["maps"]][-1] == "decoder.png"
+    decoder = report["maps"][-1]
+    assert decoder["clusters"] == 10 and decoder["heads"] == 4 and decoder["stride"] in (8, 16, 32)
+    assert sum(q["tokens"] for q in decoder["queries"]) == decoder["grid"][0] * decoder["grid"][1]
+    assert {q["class"] for q in decoder["queries"]} <= {"circle", "square", "triangle", "star"}
+    for name in ("stage1", "stage2", "stage3", "stage4", "decoder", "decoder_head3", "stage4_head7"):
+        assert Image.open(out / f"{name}.png").size == (451, 300), name
+
+
+def test_the_decoder_assignment_is_a_softmax_over_the_queries(photos, shapes_dir, tmp_path):
+    from clusterformer.explain import model_from_checkpoint
+
+    shapes = shapes_dir(seed=4, num_train=8, num_val=5, size=64)
+    model = model_from_checkpoint(train_one_step("panoptic", shapes, tmp_path / "panoptic.ckpt"))
+    result = compute_assignments(model, Image.open(photos / "chelsea.jpg").convert("RGB"), size=96)
+    assert result["input_size"] == (96, 144)
+    decoder = result["maps"][-1]["assignments"]  # (heads, Q, h, w)
+    np.testing.assert_allclose(decoder.sum(1), 1.0, atol=1e-4)
+    assert decoder.shape[1] == 10
+
+
+def test_weights_from_a_safetensors_file_are_used(photos, tmp_path):
+    torch.manual_seed(1)
+    reference = timm.create_model("clusterformer_nano", num_classes=0).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "nano.safetensors")
+    loaded = model_from_timm("clusterformer_nano", tmp_path / "nano.safetensors")
+    same = ExplainModel(reference, None, "reference", loaded.size, loaded.mean, loaded.std)
+    image = Image.open(photos / "chelsea.jpg").convert("RGB")
+    for a, b in zip(compute_assignments(loaded, image, 96)["maps"], compute_assignments(same, image, 96)["maps"],
+                    strict=True):  # fmt: skip
+        np.testing.assert_allclose(a["assignments"], b["assignments"], atol=1e-6)
+
+
+def test_token_maps_cover_their_pixels_of_the_resized_input():
+    tokens = np.array([[0, 1], [2, 3]])
+    # a 7 x 6 input with stride 4: token rows cover input rows 0-3 and 4-6; the image is twice the input's size
+    image = token_grid_to_image(tokens, 4, (7, 6), (14, 12))
+    assert (image[:8, :8] == 0).all() and (image[:8, 8:] == 1).all() and (image[8:, :8] == 2).all()
+    assert (image[8:, 8:] == 3).all()
+
+
+def test_bad_inputs_are_one_line_errors(photos, tmp_path, capsys):
+    image = photos / "astronaut.png"
+    cases = [
+        (["--model", "clusterformer_nano", tmp_path / "missing.png"], "missing.png: image file not found"),
+        (["--model", "no_such_model", image], "no_such_model"),
+        (["--model", "resnet18", image], "not a ClusterFormer encoder"),
+        (["--model", "clusterformer_nano", "--weights", tmp_path / "no.safetensors", image], "weights not found"),
+        (["--ckpt", tmp_path / "missing.ckpt", image], "missing.ckpt"),
+        (["--model", "clusterformer_nano", "--head", 5, image], "--head 5"),
+    ]
+    for args, message in cases:
+        assert explain(*args, "--out", tmp_path / "out") == 2, message
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err and err.startswith("clusterformer explain: error:")

@@ -1,0 +1,246 @@
+"""``clusterformer predict``: every task writes valid standard outputs for image files of any size and mode;
+unreadable images are skipped and listed; bad inputs exit with status 2 and one line; no partial files."""
+
+import json
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from clusterformer.cli import main
+from clusterformer.data import CATEGORIES, THINGS
+from clusterformer.metrics.coco import coco_evaluate
+from clusterformer.metrics.panoptic import pq_compute, read_ids_png
+from clusterformer.metrics.semantic import evaluate_semantic
+from clusterformer.outputs import atomic_path
+from clusterformer.predict import image_ids, is_lightning_predict, output_names
+from clusterformer.tasks import (
+    ClassificationTask,
+    CocoData,
+    ImageFolderData,
+    PanopticData,
+    PanopticTask,
+    SemanticData,
+    SemanticTask,
+    SetTask,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: one thread is faster than several, much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(shapes_dir):
+    return shapes_dir(seed=4, num_train=8, num_val=5, size=SIZE)  # the semantic / panoptic tests' data
+
+
+def _task_and_data(task: str, root):
+    dense = dict(crop=SIZE, scale_range=(0.8, 1.2), test_shorter_side=SIZE, batch_size=4, num_workers=0)
+    if task == "classification":
+        data = ImageFolderData(str(root / "imagefolder"), img_size=32, eval_resize=32, batch_size=4, num_workers=0,
+                               randaugment=False)  # fmt: skip
+        return ClassificationTask("clusterformer_nano", num_classes=4, model_kwargs=dict(center_grid=4)), data
+    if task in ("detection", "instance"):
+        data = CocoData(str(root), "images/train", "annotations/instances_train.json", "images/val",
+                        "annotations/instances_val.json", masks=task == "instance", **dense)  # fmt: skip
+        loss = {"num_points": 64} if task == "instance" else None
+        return SetTask(task, "clusterformer_nano", num_classes=4, decoder=DECODER, loss=loss, warmup_steps=1), data
+    if task == "semantic":
+        data = SemanticData(str(root), "images/train", "semantic/train", "images/val", "semantic/val", num_classes=7,
+                            **dense)  # fmt: skip
+        decoder = {k: v for k, v in DECODER.items() if k != "num_queries"}
+        return SemanticTask("clusterformer_nano", num_classes=7, decoder=decoder, loss={"num_points": 64},
+                            warmup_steps=1), data  # fmt: skip
+    data = PanopticData(str(root), "images/train", "annotations/panoptic_train.json", "annotations/panoptic_train",
+                        "images/val", "annotations/panoptic_val.json", "annotations/panoptic_val", **dense)  # fmt: skip
+    return PanopticTask("clusterformer_nano", num_classes=7, num_things=4, decoder=DECODER, loss={"num_points": 64},
+                        warmup_steps=1), data  # fmt: skip
+
+
+def train_one_step(task: str, root, path):
+    """A checkpoint of ``task`` after one training step on the shapes data (with the data module attached, so
+    that the class names are stored)."""
+    L.seed_everything(0, verbose=False)
+    module, data = _task_and_data(task, root)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        default_root_dir=str(path.parent),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, data)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(shapes, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("checkpoints")
+    tasks = ("classification", "detection", "instance", "semantic", "panoptic")
+    return {task: train_one_step(task, shapes, folder / f"{task}.ckpt") for task in tasks}
+
+
+def predict(*args) -> int:
+    return main(["predict", *map(str, args)])
+
+
+def no_temporary_files(out) -> bool:
+    return not [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
+
+
+def test_checkpoints_store_the_class_names(checkpoints):
+    for task, names in (("classification", sorted(THINGS)), ("panoptic", [c["name"] for c in CATEGORIES])):
+        checkpoint = torch.load(checkpoints[task], weights_only=True)
+        assert checkpoint["clusterformer_classes"] == names
+    categories = torch.load(checkpoints["instance"], weights_only=True)["clusterformer_categories"]
+    assert [c["id"] for c in categories] == [1, 2, 3, 4]
+
+
+def test_classification_writes_the_top_k_classes(checkpoints, shapes, tmp_path):
+    images = shapes / "images" / "val"
+    assert predict("--task", "classification", "--ckpt", checkpoints["classification"], images, "--out", tmp_path,
+                   "--top-k", "3") == 0  # fmt: skip
+    records = json.loads((tmp_path / "predictions.json").read_text())
+    assert [r["name"] for r in records] == sorted(p.stem for p in images.iterdir())
+    for record in records:
+        scores = [entry["score"] for entry in record["top_k"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True) and sum(scores) <= 1 + 1e-6
+        assert all(entry["class"] == sorted(THINGS)[entry["label"]] for entry in record["top_k"])
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 5
+    assert no_temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("task", ["detection", "instance"])
+def test_coco_results_load_against_the_ground_truth(task, checkpoints, shapes, tmp_path):
+    gt = shapes / "annotations" / "instances_val.json"
+    assert predict("--task", task, "--ckpt", checkpoints[task], shapes / "images" / "val", "--out", tmp_path,
+                   "--image-ids", gt, "--score-threshold", "0.05") == 0  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 5 * 40  # top_k = all 10 queries x 4 classes of every image
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = COCO(str(gt)).loadRes(str(tmp_path / "results.json"))  # ids and categories match the ground truth
+    assert len(loaded.getAnnIds()) == len(results)
+    assert {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    if task == "instance":
+        assert all(r["segmentation"]["size"] == [SIZE, SIZE] for r in results)
+        assert 0 <= coco_evaluate(gt, results, "segm")["AP"] <= 1
+    assert 0 <= coco_evaluate(gt, results, "bbox")["AP"] <= 1
+    images = COCO(str(tmp_path / "images.json"))
+    assert sorted(images.getImgIds()) == [1, 2, 3, 4, 5] and len(images.getCatIds()) == 4
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 5 and no_temporary_files(tmp_path)
+
+
+def test_semantic_label_pngs_have_the_image_size_and_evaluate(checkpoints, shapes, tmp_path):
+    assert predict("--task", "semantic", "--ckpt", checkpoints["semantic"], shapes / "images" / "val", "--out",
+                   tmp_path) == 0  # fmt: skip
+    labels = sorted((tmp_path / "labels").glob("*.png"))
+    assert len(labels) == 5
+    for path in labels:
+        values = np.asarray(Image.open(path))
+        assert values.shape == (SIZE, SIZE) and values.min() >= 1 and values.max() <= 7  # ADE20K: class + 1
+    result = evaluate_semantic(shapes / "semantic" / "val", tmp_path / "labels", num_classes=7)
+    assert 0 <= result["mIoU"] <= 1
+
+
+def test_panoptic_pngs_match_their_segments_and_score_with_pq(checkpoints, shapes, tmp_path):
+    gt = shapes / "annotations" / "panoptic_val.json"
+    assert predict("--task", "panoptic", "--ckpt", checkpoints["panoptic"], shapes / "images" / "val", "--out",
+                   tmp_path, "--image-ids", gt, "--score-threshold", "0") == 0  # fmt: skip
+    data = json.loads((tmp_path / "panoptic.json").read_text())
+    assert len(data["annotations"]) == 5 and len(data["categories"]) == 7
+    segments = 0
+    for annotation in data["annotations"]:
+        ids = read_ids_png(tmp_path / "panoptic" / annotation["file_name"])
+        present, counts = np.unique(ids[ids > 0], return_counts=True)
+        listed = {s["id"]: s["area"] for s in annotation["segments_info"]}
+        assert dict(zip(present.tolist(), counts.tolist(), strict=True)) == listed
+        segments += len(listed)
+    assert segments > 0
+    assert 0 <= pq_compute(gt, tmp_path / "panoptic.json")["All"]["pq"] <= 1
+
+
+def test_any_size_and_mode_and_unreadable_files_are_skipped_and_listed(checkpoints, tmp_path, capsys):
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (50, 70), np.uint8)).save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (90, 41, 4), np.uint8)).save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (33, 47), np.uint16)).save(folder / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(folder / "small.jpg")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "truncated.jpg").write_bytes((folder / "small.jpg").read_bytes()[:60])
+    (folder / "notes.txt").write_text("not an image file")  # not an image suffix: not read at all
+    out = tmp_path / "out"
+    assert predict("--task", "semantic", "--ckpt", checkpoints["semantic"], folder, "--out", out,
+                   "--batch-size", "3") == 0  # fmt: skip
+    sizes = {p.stem: Image.open(p).size for p in (out / "labels").glob("*.png")}
+    assert sizes == {"gray": (70, 50), "rgba": (41, 90), "deep": (47, 33), "small": (20, 20)}
+    skipped = json.loads((out / "summary.json").read_text())["skipped"]
+    assert sorted(s["file"] for s in skipped) == [str(folder / "broken.png"), str(folder / "truncated.jpg")]
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable images" in err and f"{folder / 'broken.png'}: not a readable image" in err
+    assert no_temporary_files(out)
+
+
+def test_a_checkpoint_of_another_task_is_refused(checkpoints, shapes, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = predict("--task", "detection", "--ckpt", checkpoints["classification"], shapes / "images" / "val",
+                   "--out", out)  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "classification" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_missing_files_are_one_line_errors(checkpoints, shapes, tmp_path, capsys):
+    image = shapes / "images" / "val" / "000000.png"
+    for args, named in (
+        (["--ckpt", checkpoints["semantic"], tmp_path / "missing.png"], "missing.png"),
+        (["--ckpt", tmp_path / "missing.ckpt", image], "missing.ckpt"),
+    ):
+        assert predict("--task", "semantic", *args, "--out", tmp_path / "out") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and named in err and err.startswith("clusterformer predict: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_routes_to_lightning_only_with_its_arguments(capsys):
+    config = ROOT / "configs" / "classification" / "clusterformer_nano_shapes.yaml"
+    with pytest.raises(SystemExit) as exit_info:  # LightningCLI's predict, as before
+        main(["predict", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0 and "trainer:" in capsys.readouterr().out
+    assert is_lightning_predict(["predict", "--config", "c.yaml", "--ckpt_path", "x.ckpt"])
+    assert is_lightning_predict(["predict", "-c", "c.yaml"])
+    assert is_lightning_predict(["predict", "--trainer.accelerator=cpu", "--model.class_path=X"])
+    assert not is_lightning_predict(["predict", "--task", "semantic", "--ckpt", "x.ckpt", "a.png", "--out", "o"])
+
+
+def test_image_ids_and_output_names(tmp_path):
+    paths = [tmp_path / "a" / "000000000139.jpg", tmp_path / "b" / "000000000285.png"]
+    assert image_ids(paths) == [139, 285]  # COCO file names
+    assert image_ids([tmp_path / "cat.png", tmp_path / "7.png"]) == [1, 2]
+    names = output_names([tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", tmp_path / "x.jpg"])
+    assert names == ["x", "x_png", "x_jpg"]
+
+
+def test_an_interrupted_write_leaves_nothing(tmp_path):
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "result.json") as temporary:
+        temporary.write_text("[1, 2")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []

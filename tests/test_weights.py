@@ -1,0 +1,209 @@
+"""Safe weights: weights-only checkpoint loading, task rebuilding, safetensors + JSON conversion, `convert`."""
+
+import json
+import os
+
+import lightning as L
+import pytest
+import timm
+import torch
+
+import clusterformer  # noqa: F401  (registers the models)
+from clusterformer.cli import main
+from clusterformer.heads import build_set_model
+from clusterformer.tasks import ClassificationTask, SetTask
+from clusterformer.weights import (
+    TASK_KEY,
+    CheckpointError,
+    convert_checkpoint,
+    load_checkpoint,
+    load_weights,
+    task_from_checkpoint,
+)
+
+DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, iterations=1, ffn_dim=64)
+
+
+def save_lightning_checkpoint(module: L.LightningModule, path) -> None:
+    """A checkpoint as Lightning writes it during training (``Trainer.save_checkpoint``), without training."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path, weights_only=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small models on a shared CPU: one thread avoids the cost of threads waiting for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    module = ClassificationTask(model="clusterformer_nano", num_classes=3, model_kwargs={"drop_path_rate": 0.1})
+    path = tmp_path_factory.mktemp("ckpt") / "classifier.ckpt"
+    save_lightning_checkpoint(module, path)
+    return path, module.eval()
+
+
+@pytest.fixture(scope="module")
+def instance_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    module = SetTask(task="instance", backbone="clusterformer_nano", num_classes=2, decoder=DECODER)
+    path = tmp_path_factory.mktemp("ckpt") / "instance.ckpt"
+    save_lightning_checkpoint(module, path)
+    return path, module.eval()
+
+
+class RunsCode:
+    """A pickle payload that would leave a marker file if unpickling ran it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="evil.ckpt: refused.*posix.system|evil.ckpt: refused.*nt.system"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="refused"):
+        task_from_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "checkpoint not found"),
+        (b"", r"not a PyTorch checkpoint \(the file is empty\)"),
+        (b"not a checkpoint at all", "not a PyTorch checkpoint"),
+        (b"PK\x03\x04 truncated zip", "not a PyTorch checkpoint"),
+    ],
+)
+def test_missing_and_non_checkpoint_files_are_named(tmp_path, content, message):
+    path = tmp_path / "model.ckpt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"model.ckpt: {message}"):
+        load_checkpoint(path)
+
+
+def test_a_tensor_file_is_not_a_task_checkpoint(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(CheckpointError, match="tensor.pt: not a checkpoint"):
+        load_checkpoint(tmp_path / "tensor.pt")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "plain.pt")
+    with pytest.raises(CheckpointError, match="plain.pt: not a task checkpoint"):
+        task_from_checkpoint(tmp_path / "plain.pt")
+
+
+def test_task_checkpoints_record_their_task(classifier_ckpt, instance_ckpt):
+    assert load_checkpoint(classifier_ckpt[0])[TASK_KEY] == "classification"
+    assert load_checkpoint(instance_ckpt[0])[TASK_KEY] == "instance"
+
+
+def test_task_is_rebuilt_with_its_weights(classifier_ckpt):
+    path, original = classifier_ckpt
+    task, module = task_from_checkpoint(path)
+    assert task == "classification" and isinstance(module, ClassificationTask) and not module.training
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(images), original(images), rtol=0, atol=0)
+
+
+def test_checkpoint_of_another_task_is_refused(classifier_ckpt, instance_ckpt):
+    with pytest.raises(CheckpointError, match="classifier.ckpt: a classification checkpoint, not instance"):
+        task_from_checkpoint(classifier_ckpt[0], task="instance")
+    with pytest.raises(CheckpointError, match="instance.ckpt: a instance checkpoint, not detection"):
+        task_from_checkpoint(instance_ckpt[0], task="detection")
+
+
+def test_older_checkpoints_are_recognised_by_their_hyperparameters(classifier_ckpt, instance_ckpt, tmp_path):
+    for path, expected in ((classifier_ckpt[0], "classification"), (instance_ckpt[0], "instance")):
+        checkpoint = load_checkpoint(path)
+        del checkpoint[TASK_KEY]
+        torch.save(checkpoint, tmp_path / "old.ckpt")
+        assert task_from_checkpoint(tmp_path / "old.ckpt")[0] == expected
+
+
+def test_unknown_task_and_other_architecture_are_refused(classifier_ckpt, tmp_path):
+    checkpoint = load_checkpoint(classifier_ckpt[0])
+    torch.save({**checkpoint, TASK_KEY: "depth"}, tmp_path / "depth.ckpt")
+    with pytest.raises(CheckpointError, match="depth.ckpt: a checkpoint of an unknown task 'depth'"):
+        task_from_checkpoint(tmp_path / "depth.ckpt")
+    other = {**checkpoint, "hyper_parameters": {**checkpoint["hyper_parameters"], "num_classes": 7}}
+    torch.save(other, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="other.ckpt: the weights do not fit"):
+        task_from_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_pretrained_options_of_the_hyperparameters_are_not_reloaded(instance_ckpt, tmp_path):
+    """Trained from ImageNet weights that are gone now: the checkpoint holds every weight anyway."""
+    checkpoint = load_checkpoint(instance_ckpt[0])
+    missing = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(tmp_path / "gone.safetensors")}}
+    checkpoint["hyper_parameters"]["backbone_kwargs"] = missing
+    torch.save(checkpoint, tmp_path / "finetuned.ckpt")
+    assert task_from_checkpoint(tmp_path / "finetuned.ckpt")[0] == "instance"
+
+
+def test_classifier_weights_round_trip_through_timm(classifier_ckpt, tmp_path):
+    path, original = classifier_ckpt
+    weights, info = convert_checkpoint(path, tmp_path / "nano")
+    assert (weights.name, info.name) == ("nano.safetensors", "nano.json")
+    description = json.loads(info.read_text())
+    assert description["task"] == "classification" and description["model"] == "clusterformer_nano"
+    assert description["num_classes"] == 3
+    assert description["hyper_parameters"]["model_kwargs"] == {"drop_path_rate": 0.1}
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = original(images)
+        model = timm.create_model(
+            "clusterformer_nano", pretrained=True, num_classes=3,
+            pretrained_cfg_overlay=dict(file=str(weights), num_classes=3),
+        ).eval()  # fmt: skip
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+        torch.testing.assert_close(load_weights(weights)(images), expected, rtol=0, atol=0)
+        # the overlay without num_classes: timm keeps the encoder and starts a new head (fine-tuning)
+        encoder = timm.create_model(
+            "clusterformer_nano", pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(weights))
+        ).eval()
+        torch.testing.assert_close(encoder.forward_features(images), original.model.forward_features(images))
+
+
+def test_dense_weights_round_trip_and_initialise_another_task(instance_ckpt, tmp_path):
+    path, original = instance_ckpt
+    full, _ = convert_checkpoint(path, tmp_path / "instance.safetensors")  # the suffix is dropped from the prefix
+    backbone, info = convert_checkpoint(path, tmp_path / "encoder", backbone_only=True)
+    assert json.loads(info.read_text())["backbone_only"] is True
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = original(images)
+        got = load_weights(tmp_path / "instance")(images)
+        for key in ("logits", "masks"):
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    encoder_state = original.model.backbone.state_dict()
+    for file in (backbone, full):  # the encoder alone, or the whole model (its decoder keys are left out)
+        pretrained = {"pretrained": True, "pretrained_cfg_overlay": {"file": str(file)}}
+        detector = build_set_model("clusterformer_nano", 5, boxes=True, backbone_kwargs=pretrained, **DECODER)
+        for key, value in detector.backbone.state_dict().items():
+            torch.testing.assert_close(value, encoder_state[key], rtol=0, atol=0)
+    assert load_weights(backbone).num_classes == 0
+
+
+def test_convert_command(classifier_ckpt, tmp_path, capsys):
+    assert main(["convert", "--ckpt", str(classifier_ckpt[0]), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out.safetensors").is_file() and (tmp_path / "out.json").is_file()
+    capsys.readouterr()
+    assert main(["convert", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing.ckpt: checkpoint not found" in err
+    assert not list(tmp_path.glob("bad*")) and not list(tmp_path.glob(".*tmp"))
