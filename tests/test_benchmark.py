@@ -178,6 +178,9 @@ def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "batch 1, 64x64" in out and "batch 1, 64x96" in out
     calls.clear()
+    assert main(["benchmark", "--models", "clusterformer_nano_instance"]) == 0  # dense names alone: dense defaults
+    assert [(batch, size) for _, batch, size, _ in calls] == [(1, (512, 512)), (1, (800, 1216))]
+    calls.clear()
     monkeypatch.setattr("clusterformer.benchmark.require_transformers", lambda models: None)
     assert main(["benchmark", "--task", "dense"]) == 0  # the default dense set at both sizes
     assert [size for *_, size, _ in calls] == [(512, 512), (800, 1216)]
@@ -202,3 +205,63 @@ def test_transformers_peers_build_offline_with_random_weights(name, outputs):
         out = model(torch.randn(1, 3, 64, 64))
     assert out["logits" if name.startswith("detr") else "class_queries_logits"].shape == (1, 100, 81)
     assert outputs in out
+
+
+def test_runtime_names_and_peers():
+    from clusterformer.benchmark import peer_of, split_runtime, with_runtimes
+
+    assert split_runtime("clusterformer_tiny") == ("clusterformer_tiny", "eager")
+    assert split_runtime("clusterformer_tiny@onnxruntime") == ("clusterformer_tiny", "onnxruntime")
+    with pytest.raises(ValueError, match=r"clusterformer_tiny@jit: unknown runtime 'jit'"):
+        split_runtime("clusterformer_tiny@jit")
+    assert with_runtimes(["a", "b"]) == ["a", "a@compile", "a@onnxruntime", "b", "b@compile", "b@onnxruntime"]
+    assert peer_of("clusterformer_tiny@compile") == peer_of("clusterformer_tiny@onnxruntime") == "clusterformer_tiny"
+    assert peer_of("clusterformer_tiny") == PEERS["clusterformer_tiny"] == "swin_tiny_patch4_window7_224"
+    assert dense_task("clusterformer_tiny_instance@onnxruntime") == "instance"
+    assert dense_task("clusterformer_tiny@compile") is None
+
+
+def test_runtime_workloads_compute_what_eager_computes(tmp_path):
+    """The timed onnxruntime and torch.compile passes run the same network on the same images as eager."""
+    from clusterformer.benchmark import workload
+
+    pytest.importorskip("onnxruntime")
+    eager = workload("clusterformer_nano", "infer", 2, (64, 96))()
+    # the TorchScript-based exporter and the aot_eager backend keep the test fast; the command uses the
+    # default exporter and inductor
+    run = workload("clusterformer_nano@onnxruntime", "infer", 2, (64, 96), onnx_folder=str(tmp_path),
+                   onnx_exporter="torchscript")  # fmt: skip
+    (logits,) = run()
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # exported once into the run's folder
+    torch.testing.assert_close(torch.from_numpy(logits), eager, atol=1e-4, rtol=0)
+    compiled = workload("clusterformer_nano@compile", "infer", 2, (64, 96), compile_backend="aot_eager")()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match=r"training step is measured for classification models in eager mode only"):
+        workload("clusterformer_nano@compile", "train", 2, 64)
+    with pytest.raises(ValueError, match=r"onnxruntime is measured on the CPU in fp32"):
+        workload("clusterformer_nano@onnxruntime", "infer", 2, 64, amp=True)
+
+
+def test_cli_onnx_measures_eager_compile_and_onnxruntime(monkeypatch, capsys):
+    calls = []
+
+    def fake_run(models, batch, img_size, train, **kwargs):
+        calls.append((tuple(models), batch, img_size, train))
+        result = dict(model=models[0], params_m=1.0, gmacs=1.0, infer_img_s=2.0, infer_vs_peer=None)
+        result.update(train_img_s=None, train_vs_peer=None, infer_peak_mib=10.0, train_peak_mib=None)
+        return dict(
+            machine="m", torch="t", dtype="fp32", batch=batch, img_size=img_size, rounds=1, iters=1, results=[result]
+        )
+
+    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", fake_run)
+    assert main(["benchmark", "--onnx"]) == 0
+    assert calls == [(("clusterformer_tiny", "clusterformer_tiny@compile", "clusterformer_tiny@onnxruntime"), 8, 224,
+                      False)]  # fmt: skip
+    calls.clear()
+    assert main(["benchmark", "--onnx", "--models", "clusterformer_nano", "--img-size", "64"]) == 0
+    assert calls[0][0] == ("clusterformer_nano", "clusterformer_nano@compile", "clusterformer_nano@onnxruntime")
+    assert main(["benchmark", "--models", "clusterformer_nano@jit"]) == 2
+    assert "unknown runtime 'jit'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert main(["benchmark", "--onnx"]) == 2
+    assert "pip install 'clusterformer[export]'" in capsys.readouterr().err

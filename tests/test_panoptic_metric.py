@@ -638,3 +638,36 @@ def test_bad_json(small_files):
     shutil.rmtree(root / "pred")
     with pytest.raises(FileNotFoundError, match=r"pred: folder of panoptic PNGs not found"):
         pq_compute(root / "gt.json", root / "pred.json", root / "gt", root / "pred")
+
+
+def test_cli_equals_panopticapi(panoptic_case, tmp_path, capsys):
+    from clusterformer.cli import main
+
+    gt_json, pred_json, gt_folder, pred_folder = panoptic_case
+    expected, _ = reference_pq_compute(*map(str, panoptic_case))
+    out = tmp_path / "pq.json"
+    argv = [
+        "evaluate",
+        "--task",
+        "panoptic",
+        "--gt",
+        str(gt_json),
+        "--gt-dir",
+        str(gt_folder),
+        "--pred",
+        str(pred_json),
+    ]
+    assert main([*argv, "--pred-dir", str(pred_folder), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for key in ("pq", "sq", "rq"):
+            assert printed[key.upper() + suffix] == pytest.approx(expected[group][key], abs=1e-6), (group, key)
+        assert printed["n" + suffix] == expected[group]["n"]
+    assert set(printed["per_class"]) == {str(c) for c in expected["per_class"]}
+    for category, values in expected["per_class"].items():
+        assert printed["per_class"][str(category)]["pq"] == pytest.approx(values["pq"], abs=1e-6)
+    # bad input: one line naming the file, exit status 2
+    assert main([*argv, "--pred-dir", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere: folder of panoptic PNGs not found" in err

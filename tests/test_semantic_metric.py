@@ -254,3 +254,45 @@ def test_missing_or_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no ground truth PNGs"):
         evaluate_semantic(tmp_path / "empty", tmp_path, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# clusterformer evaluate --task semantic
+
+
+def test_cli_equals_mmsegmentation(tmp_path, capsys):
+    import json
+
+    from clusterformer.cli import main
+
+    rng = np.random.default_rng(5)
+    pairs = random_pairs(rng, num_classes=6, used=4)
+    write_folder(tmp_path / "gt", {f"img{i}": label for i, (_, label) in enumerate(pairs)})
+    write_folder(tmp_path / "pred", {f"img{i}": prediction for i, (prediction, _) in enumerate(pairs)})
+    out = tmp_path / "metrics" / "semantic.json"
+    argv = ["evaluate", "--task", "semantic", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred")]
+    assert main([*argv, "--num-classes", "6", "--no-reduce-zero-label", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    expected = reference_metrics(pairs, 6)
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert printed[key] == pytest.approx(expected[key], abs=1e-12), key
+    assert list(printed["IoU"]) == [str(c) for c in range(6)]
+    assert printed["IoU"]["5"] is None  # never labelled nor predicted: NaN in mmsegmentation, null in JSON
+    np.testing.assert_allclose([printed["IoU"][str(c)] for c in range(5)], expected["IoU"][:5], atol=1e-12)
+    # the default is ADE20K's convention, where 0 is unlabelled and the same files give other numbers
+    assert main([*argv, "--num-classes", "6"]) == 2
+    assert "predicted values [0] are outside the classes 1..6" in capsys.readouterr().err
+
+
+def test_cli_bad_input_is_one_line(folders, capsys):
+    from clusterformer.cli import main
+
+    gt, pred = folders
+    assert main(["evaluate", "--task", "semantic", "--gt", str(gt), "--pred", str(pred)]) == 2
+    assert "--task semantic needs --num-classes" in capsys.readouterr().err
+    assert (
+        main(["evaluate", "--task", "semantic", "--gt", str(gt / "x"), "--pred", str(pred), "--num-classes", "3"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "gt/x: folder not found" in err

@@ -12,7 +12,11 @@ Model names (``build``):
 * their peers from the ``transformers`` package, random weights, nothing downloaded:
   ``mask2former_swin_{tiny,small}`` (80 classes; ``_panoptic`` appended: 133) and ``detr_swin_{tiny,small}``.
 
-Dense models are measured for inference only.
+Runtimes: ``NAME@compile`` (``torch.compile``, inductor) and ``NAME@onnxruntime`` (the model exported to ONNX
+by ``clusterformer.export``, run by onnxruntime's CPU provider with as many threads as torch) measure the same
+network's inference; their peer is ``NAME`` in PyTorch eager mode (``clusterformer benchmark --onnx``).
+
+Dense models and runtime variants are measured for inference only.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import platform
 import re
 import resource
 import statistics
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -66,6 +71,22 @@ _TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin
 _SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
 
 ImageSize = int | tuple[int, int]
+
+RUNTIMES = ("eager", "compile", "onnxruntime")
+
+
+def split_runtime(name: str) -> tuple[str, str]:
+    """``"clusterformer_tiny@onnxruntime"`` -> ``("clusterformer_tiny", "onnxruntime")``; no suffix: eager."""
+    base, _, runtime = name.partition("@")
+    runtime = runtime or "eager"
+    if runtime not in RUNTIMES:
+        raise ValueError(f"{name}: unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+    return base, runtime
+
+
+def with_runtimes(models, runtimes=RUNTIMES) -> list[str]:
+    """Every model in every runtime, eager first: ``[m, m@compile, m@onnxruntime, ...]``."""
+    return [m if r == "eager" else f"{m}@{r}" for m in models for r in runtimes]
 
 
 @dataclass
@@ -124,8 +145,16 @@ def machine_description(device: str) -> str:
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def peer_of(name: str, peers: dict[str, str] | None = None) -> str | None:
+    """The model ``name`` is compared with: its eager self for a runtime variant, else ``peers`` (default
+    :data:`PEERS`)."""
+    base, runtime = split_runtime(name)
+    return base if runtime != "eager" else (PEERS if peers is None else peers).get(name)
+
+
 def dense_task(name: str) -> str | None:
     """``"detection"``, ``"instance"`` or ``"panoptic"`` for a dense model name, ``None`` for a classifier."""
+    name = split_runtime(name)[0]
     if match := _CLUSTERFORMER_DENSE.fullmatch(name):
         return match[2]
     if match := _TRANSFORMERS_PEER.fullmatch(name):
@@ -199,10 +228,12 @@ def build(name: str, **model_kwargs) -> torch.nn.Module:
         from .heads.sets import build_set_model
 
         backbone, task = match.groups()
-        # panoptic: the instance model with COCO panoptic's 133 classes, until a panoptic head exists
+        # panoptic: the mask model with COCO panoptic's 133 classes and the auxiliary semantic head (kMaX-DeepLab's
+        # semantic loss; a 1x1 convolution run in training only, so inference is the instance network's)
         set_kwargs = dict(
-            num_classes=COCO_CLASSES[task], boxes=task == "detection", masks=task != "detection", num_queries=100
-        )
+            num_classes=COCO_CLASSES[task], boxes=task == "detection", masks=task != "detection", num_queries=100,
+            semantic_head=task == "panoptic",
+        )  # fmt: skip
         return build_set_model(backbone, **{**set_kwargs, **model_kwargs})
     if match := _TRANSFORMERS_PEER.fullmatch(name):
         return _build_transformers_peer(match, **model_kwargs)
@@ -232,7 +263,7 @@ def count_gmacs(name: str, img_size: ImageSize, **model_kwargs) -> tuple[float, 
 
     # no parameter may require gradients: FlopCounterMode's module hooks fail on a parameter passed as
     # a module's input (the decoder's query positions) under no_grad
-    model = build(name, **model_kwargs).eval().requires_grad_(False)
+    model = build(split_runtime(name)[0], **model_kwargs).eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     counter = FlopCounterMode(display=False, custom_mapping=_sdpa_macs_formula())
     with torch.no_grad(), counter:
@@ -245,13 +276,48 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def workload(name: str, mode: str, batch: int, img_size: ImageSize, device: str = "cpu", amp: bool = False):
-    """A callable running one inference pass (``mode="infer"``) or one training step (forward,
-    cross-entropy, backward, AdamW) of ``name`` on random images. Dense models: inference only."""
-    if mode == "train" and dense_task(name):
-        raise ValueError(f"{name}: the training step is measured for classification models only")
+def _onnxruntime_session(model: torch.nn.Module, batch: int, img_size: ImageSize, folder: str, exporter: str):
+    """Export ``model`` to ONNX in ``folder`` (once per folder, model and size: the weights are seeded) and open
+    it with onnxruntime's CPU provider, as many intra-op threads as torch uses."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError("the onnxruntime runtime needs onnxruntime: pip install 'clusterformer[export]'") from error
+    from .export import export_model
+
+    height, width = image_hw(img_size)
+    path = os.path.join(folder, f"{type(model).__name__}_{height}x{width}_{exporter}.onnx")
+    if not os.path.exists(path):
+        # traced at batch 2 (dynamic batch), then run at any batch
+        export_model(model, "onnx", path, ((height, width),), onnx_exporter=exporter, verify=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def workload(
+    name: str,
+    mode: str,
+    batch: int,
+    img_size: ImageSize,
+    device: str = "cpu",
+    amp: bool = False,
+    *,
+    onnx_folder: str | None = None,
+    onnx_exporter: str = "dynamo",
+    compile_backend: str = "inductor",
+):
+    """A callable running one inference pass (``mode="infer"``; it returns the outputs) or one training step
+    (forward, cross-entropy, backward, AdamW) of ``name`` on random images. Dense models and the runtime
+    variants ``@compile`` / ``@onnxruntime`` (see the module docstring): inference only. ``onnx_folder``
+    keeps the exported ONNX file between calls (default: a new temporary folder)."""
+    base, runtime = split_runtime(name)
+    if mode == "train" and (dense_task(name) or runtime != "eager"):
+        raise ValueError(f"{name}: the training step is measured for classification models in eager mode only")
+    if runtime == "onnxruntime" and (device != "cpu" or amp):
+        raise ValueError(f"{name}: onnxruntime is measured on the CPU in fp32 (--device cpu, no --amp)")
     torch.manual_seed(0)
-    model = build(name).to(device)
+    model = build(base).to(device)
     images = torch.randn(batch, 3, *image_hw(img_size), device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
@@ -268,17 +334,33 @@ def workload(name: str, mode: str, batch: int, img_size: ImageSize, device: str 
 
         return run
     model.eval()
+    if runtime == "onnxruntime":
+        session = _onnxruntime_session(model, batch, img_size, onnx_folder or tempfile.mkdtemp(), onnx_exporter)
+        feed = {"images": images.numpy()}
+        return lambda: session.run(None, feed)
+    if runtime == "compile":
+        model = torch.compile(model, backend=compile_backend)
 
     def run():
         with torch.inference_mode(), autocast:
-            model(images)
+            return model(images)
 
     return run
 
 
-def _measure(name: str, mode: str, batch: int, img_size: ImageSize, warmup: int, iters: int, device: str, amp: bool):
+def _measure(
+    name: str,
+    mode: str,
+    batch: int,
+    img_size: ImageSize,
+    warmup: int,
+    iters: int,
+    device: str,
+    amp: bool,
+    onnx_folder: str | None = None,
+):
     """Child process: time ``iters`` inference passes or training steps."""
-    run = workload(name, mode, batch, img_size, device, amp)
+    run = workload(name, mode, batch, img_size, device, amp, onnx_folder=onnx_folder)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -318,7 +400,9 @@ def run_benchmark(
     """Measure every model, interleaved over ``rounds``; returns a JSON-serialisable report.
 
     ``img_size`` is a side or ``(height, width)``. ``train`` adds the training step of the
-    classification models; dense models are measured for inference only."""
+    classification models; dense models and runtime variants are measured for inference only. A runtime
+    variant's peer is its eager model (``NAME@compile`` -> ``NAME``). The warm-up iterations take
+    ``torch.compile``'s compilation; an ``@onnxruntime`` model is exported once per run, outside the timing."""
     from tqdm import tqdm
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -331,17 +415,19 @@ def run_benchmark(
         (r, name, mode)
         for r in range(rounds)
         for name in models
-        for mode in (["infer", "train"] if train and not dense_task(name) else ["infer"])
+        for mode in (["infer", "train"] if train and not dense_task(name) and "@" not in name else ["infer"])
     ]
     context = mp.get_context("spawn")
-    for _, name, mode in tqdm(jobs, desc="benchmark", disable=not progress, unit="run"):
-        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-            m = pool.submit(_measure, name, mode, batch, img_size, warmup, iters, device, amp).result()
-        getattr(results[name], mode).append(m)
+    with tempfile.TemporaryDirectory(prefix="clusterformer-bench-") as onnx_folder:
+        for _, name, mode in tqdm(jobs, desc="benchmark", disable=not progress, unit="run"):
+            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                job = (name, mode, batch, img_size, warmup, iters, device, amp, onnx_folder)
+                m = pool.submit(_measure, *job).result()
+            getattr(results[name], mode).append(m)
     summaries = [results[n].summary(batch) for n in models]
     by_name = {s["model"]: s for s in summaries}
     for s in summaries:
-        peer = by_name.get((PEERS if peers is None else peers).get(s["model"], ""))
+        peer = by_name.get(peer_of(s["model"], peers))
         for key in ("infer_img_s", "infer_best_img_s", "train_img_s"):
             ok = peer and s[key] and peer[key]
             s[key.replace("img_s", "vs_peer")] = s[key] / peer[key] if ok else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,23 +26,38 @@ def _benchmark(args: argparse.Namespace) -> int:
         require_transformers,
         run_benchmark,
         save,
+        split_runtime,
+        with_runtimes,
     )
 
-    dense = args.task == "dense"
+    try:
+        for name in args.models or ():
+            split_runtime(name)
+    except ValueError as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    # dense defaults (batch 1, 512 and 800x1216) for --task dense or a list of dense models only
+    dense = args.task == "dense" or bool(args.models and all(dense_task(name) for name in args.models))
     models = args.models or (DENSE_MODELS if dense else DEFAULT_MODELS)
     if args.quick and not args.models:  # ClusterFormer-T and its peer: instance / Mask2Former, or Swin-T
         models = DENSE_MODELS[2:4] if dense else DEFAULT_MODELS[:2]
+    if args.onnx:  # each model in eager mode, torch.compile and onnxruntime (ClusterFormer-T by default)
+        models = with_runtimes(args.models or ["clusterformer_tiny"])
     sizes = args.img_size or (list(DENSE_SIZES[:1] if args.quick else DENSE_SIZES) if dense else [224])
     batch = args.batch_size or (1 if dense else 8)
     try:
         require_transformers(models)
+        if any(split_runtime(name)[1] == "onnxruntime" for name in models):
+            import onnxruntime  # noqa: F401
     except ImportError as error:
+        if error.name == "onnxruntime":
+            error = "onnxruntime is not installed: pip install 'clusterformer[export]'"
         print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
         return 2
     if args.profile:
         for size in sizes:
             for name in models:
-                for mode in ("infer",) if dense_task(name) else ("infer", "train"):
+                for mode in ("infer",) if dense_task(name) or "@" in name else ("infer", "train"):
                     print(profile_model(name, mode, batch, size))
         return 0
     rounds, iters = (1, 3) if args.quick else (args.rounds, args.iters)
@@ -56,7 +72,7 @@ def _benchmark(args: argparse.Namespace) -> int:
             iters=iters,
             device=args.device,
             amp=args.amp,
-            train=not args.no_train,
+            train=not (args.no_train or args.onnx),
         )
         reports.append(report)
         print(markdown_table(report) + "\n", flush=True)
@@ -112,6 +128,44 @@ def _evaluate_instance(args: argparse.Namespace) -> dict[str, float]:
     return coco_evaluate(args.gt, args.pred, "segm")
 
 
+def _finite(value):
+    """NaN (a class absent from both prediction and ground truth) as JSON ``null``."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _evaluate_semantic(args: argparse.Namespace) -> dict:
+    """mmsegmentation's mIoU between two folders of label PNGs (``--gt DIR``, ``--pred DIR``, matched by
+    file name): dataset-level intersections over unions, label 255 ignored; per-class IoU by class index."""
+    from .metrics.semantic import evaluate_semantic
+
+    _require(args, "gt", "pred", "num_classes")
+    if args.num_classes < 1:
+        raise ValueError(f"--num-classes must be positive, got {args.num_classes}")
+    results = evaluate_semantic(args.gt, args.pred, args.num_classes, reduce_zero_label=args.reduce_zero_label)
+    return {
+        "mIoU": _finite(results["mIoU"]),
+        "mAcc": _finite(results["mAcc"]),
+        "aAcc": _finite(results["aAcc"]),
+        "IoU": {str(index): _finite(value) for index, value in enumerate(results["IoU"])},
+    }
+
+
+def _evaluate_panoptic(args: argparse.Namespace) -> dict:
+    """panopticapi's PQ, SQ, RQ (all / things / stuff) and per-category PQ: ``--gt`` and ``--pred`` COCO
+    panoptic JSONs, ``--gt-dir`` and ``--pred-dir`` their PNG folders (default: the JSON path without .json)."""
+    from .metrics.panoptic import pq_compute
+
+    _require(args, "gt", "pred")
+    results = pq_compute(args.gt, args.pred, args.gt_dir, args.pred_dir)
+    metrics = {}
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        for key in ("pq", "sq", "rq"):
+            metrics[key.upper() + suffix] = _finite(results[group][key])
+        metrics["n" + suffix] = results[group]["n"]
+    metrics["per_class"] = {str(category): values for category, values in results["per_class"].items()}
+    return metrics
+
+
 def _require(args: argparse.Namespace, *names: str) -> None:
     missing = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is None]
     if missing:
@@ -123,13 +177,15 @@ def _require(args: argparse.Namespace, *names: str) -> None:
 EVALUATORS = {
     "detection": _evaluate_detection,
     "instance": _evaluate_instance,
+    "semantic": _evaluate_semantic,
+    "panoptic": _evaluate_panoptic,
 }
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     try:
         metrics = EVALUATORS[args.task](args)
-    except ValueError as error:  # bad input: one line, no traceback
+    except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer evaluate: error: {error}", file=sys.stderr)
         return 2
     text = json.dumps(metrics, indent=2)
@@ -201,19 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
         "CPU runs in fp32; CUDA runs with bf16 autocast. --task classification (default): ClusterFormer-T/S next "
         "to timm's Swin-T/S, batch 8, 224x224. --task dense: the detection, instance and panoptic models of "
         "ClusterFormer-T next to DETR and Mask2Former with a Swin-T backbone (transformers, random weights; "
-        "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216.",
+        "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216. "
+        "--onnx: ClusterFormer-T's (or each --models model's) inference in PyTorch eager mode, torch.compile and "
+        "onnxruntime (CPU, the model exported to ONNX), ratios against eager.",
     )
     bench.add_argument(
         "--task",
         choices=["classification", "dense"],
         default="classification",
-        help="which default set of models, sizes and batch size (default: classification)",
+        help="which default set of models, sizes and batch size (default: classification, or dense when every "
+        "model given with --models is a dense one)",
     )
     bench.add_argument(
         "--models",
         nargs="+",
         help="model names: timm names, clusterformer_{nano,tiny,small}_{detection,instance,panoptic}, "
-        "mask2former_swin_{tiny,small}, detr_swin_{tiny,small} (default: the --task set)",
+        "mask2former_swin_{tiny,small}, detr_swin_{tiny,small}; NAME@compile or NAME@onnxruntime for another "
+        "runtime, compared with NAME (default: the --task set)",
+    )
+    bench.add_argument(
+        "--onnx",
+        action="store_true",
+        help="inference in eager mode, torch.compile and onnxruntime (CPU) for clusterformer_tiny or the --models "
+        "(needs onnxruntime: pip install 'clusterformer[export]'); no training step",
     )
     bench.add_argument("--batch-size", type=int, help="default: 8 (classification), 1 (dense)")
     bench.add_argument(
@@ -278,12 +344,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score predictions offline with the reference tools and print the metrics as JSON. "
         "detection: COCO box AP/AR (pycocotools COCOeval, iouType bbox); instance: COCO mask AP/AR (iouType segm, "
         "areas from the masks). --gt is a COCO instances JSON, --pred a COCO results JSON (a list of image_id, "
-        "category_id, score, bbox [x, y, w, h] and/or segmentation RLE). Bad input exits with status 2 and a "
+        "category_id, score, bbox [x, y, w, h] and/or segmentation RLE). semantic: mmsegmentation's mIoU, mAcc, "
+        "aAcc and per-class IoU between two folders of 8-bit label PNGs matched by file name (--gt DIR --pred DIR "
+        "--num-classes N; ADE20K's convention by default: 0 unlabelled, 1..N the classes, 255 ignored). "
+        "panoptic: panopticapi's PQ, SQ, RQ for all, things and stuff (--gt JSON --gt-dir DIR --pred JSON "
+        "--pred-dir DIR, COCO panoptic format). Metrics are fractions (0-1). Bad input exits with status 2 and a "
         "one-line message naming the file.",
     )
     evaluate.add_argument("--task", required=True, choices=sorted(EVALUATORS))
-    evaluate.add_argument("--gt", help="ground truth: COCO instances JSON")
-    evaluate.add_argument("--pred", help="predictions: COCO results JSON")
+    evaluate.add_argument("--gt", help="ground truth: COCO instances JSON, label PNG folder or COCO panoptic JSON")
+    evaluate.add_argument("--pred", help="predictions: COCO results JSON, label PNG folder or COCO panoptic JSON")
+    evaluate.add_argument("--gt-dir", help="panoptic: ground truth PNG folder (default: --gt without .json)")
+    evaluate.add_argument("--pred-dir", help="panoptic: predicted PNG folder (default: --pred without .json)")
+    evaluate.add_argument("--num-classes", type=int, help="semantic: number of classes (150 for ADE20K)")
+    evaluate.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="semantic: file value 0 is 'unlabelled' and v is class v-1, as in ADE20K (default); "
+        "--no-reduce-zero-label: file values are the classes 0..N-1",
+    )
     evaluate.add_argument("--out", help="also write the metrics to this JSON file")
     evaluate.set_defaults(func=_evaluate)
 

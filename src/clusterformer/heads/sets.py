@@ -10,9 +10,9 @@ per-query head. Its output (DETR's layout, one dict per layer):
   (before batch padding), when the head predicts boxes;
 * ``masks (B, Q, H/4, W/4)``: mask logits on the padded batch at stride 4, when it predicts masks;
 * ``aux``: the same dicts for the earlier decoder layers (deep supervision);
-* with a ``semantic_head`` (panoptic): ``semantic_logits (B, C, H/4, W/4)`` from the mask features and the
-  mask features themselves as ``pixel_embeddings``, for kMaX-DeepLab's semantic and instance-discrimination
-  auxiliary losses.
+* with a ``semantic_head`` (panoptic), in training mode only: ``semantic_logits (B, C, H/4, W/4)`` from
+  the mask features and the mask features themselves as ``pixel_embeddings``, for kMaX-DeepLab's semantic
+  and instance-discrimination auxiliary losses.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class ClusterFormerSets(nn.Module):
             if "boxes" in outputs[-1]:  # the next layer refines this layer's boxes
                 reference = outputs[-1]["boxes"].detach()
         final = {**outputs[-1], "aux": outputs[:-1]}
-        if self.semantic_head is not None:  # panoptic auxiliary heads (kMaX-DeepLab): training only
+        if self.semantic_head is not None and self.training:  # panoptic auxiliary heads (kMaX-DeepLab)
             final["semantic_logits"] = self.semantic_head(mask_features)
             final["pixel_embeddings"] = mask_features
         return final

@@ -17,8 +17,7 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
-from .dataset_info import load_dataset_info, save_dataset_info
-from .rng import restore_rng_states, rng_states
+from .base import check_finite, load_checkpoint_extras, save_checkpoint_extras
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -81,11 +80,7 @@ class ClassificationTask(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, labels = batch
         loss = self.criterion(self(images), labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
-                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
-            )
+        check_finite(self, loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
@@ -123,14 +118,10 @@ class ClassificationTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
-        checkpoint["clusterformer_task"] = "classification"  # read by weights.task_from_checkpoint
-        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
+        save_checkpoint_extras(self, checkpoint, "classification")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_dataset_info(self, checkpoint)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+        load_checkpoint_extras(self, checkpoint)
 
 
 class ImageFolderData(L.LightningDataModule):

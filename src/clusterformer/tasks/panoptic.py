@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
@@ -30,10 +28,9 @@ from ..losses import IGNORE_INDEX, panoptic_criterion
 from ..metrics.coco import coco_evaluate
 from ..metrics.panoptic import PanopticQuality
 from ..metrics.semantic import SemanticConfusion
-from .dataset_info import load_dataset_info, save_dataset_info
-from .rng import restore_rng_states, rng_states
+from .base import DenseData, DenseTask
 from .semantic import ImageOnly
-from .sets import pad_batch, set_optimizers
+from .sets import pad_batch
 
 PANOPTIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 
@@ -64,7 +61,7 @@ def _collate_eval(samples):
     return collate_panoptic(samples, train=False)
 
 
-class PanopticData(L.LightningDataModule):
+class PanopticData(DenseData):
     """COCO panoptic: images, ``panoptic_{split}.json`` and the PNG folder, with the dense transforms.
 
     Args:
@@ -106,6 +103,9 @@ class PanopticData(L.LightningDataModule):
     def describe(self) -> str:
         return str(self.val_annotation_file)
 
+    def _collate(self, train: bool):
+        return collate_panoptic if train else _collate_eval
+
     def _dataset(self, train: bool) -> CocoPanoptic:
         h = self.hparams
         if train:
@@ -116,28 +116,6 @@ class PanopticData(L.LightningDataModule):
         transform = ImageOnly(transforms.dense_eval(h.test_shorter_side, h.test_max_size))
         return CocoPanoptic(self.root / h.val_images, self.val_annotation_file, self.root / h.val_masks, transform)
 
-    def _loader(self, train: bool) -> DataLoader:
-        dataset = self._dataset(train)
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.hparams.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=collate_panoptic if train else _collate_eval,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
-
 
 def _rle(mask: np.ndarray) -> dict:
     from pycocotools import mask as mask_utils
@@ -147,7 +125,9 @@ def _rle(mask: np.ndarray) -> dict:
     return rle
 
 
-class PanopticTask(L.LightningModule):
+class PanopticTask(DenseTask):
+    task_name = "panoptic"
+
     """Panoptic segmentation with ClusterFormer (paper §4.1.5): queries from the encoder's centers, the
     loss ``5 L_th + 3 L_st + 1 L_aux`` (``losses.panoptic_criterion``), mask-wise merging.
 
@@ -185,9 +165,9 @@ class PanopticTask(L.LightningModule):
             **(decoder or {}),
         )  # fmt: skip
         self.criterion = panoptic_criterion(num_classes, self.thing_classes, **(loss or {}))
-        self._reset_metrics()
+        self._reset_evaluation()
 
-    def _reset_metrics(self) -> None:
+    def _reset_evaluation(self) -> None:
         self._pq = None
         # one extra class: pixels the panoptic prediction leaves void (misses for their true class)
         self._semantic = SemanticConfusion(self.hparams.num_classes + 1)
@@ -195,42 +175,20 @@ class PanopticTask(L.LightningModule):
         self._instances: dict[int, list[dict]] = {}
         self._images: dict[int, dict] = {}
 
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.model(images)
-
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        super().setup(stage)  # num_classes
+        data = self._datamodule()
         if getattr(data, "num_classes", None) is None:
             return
-        if data.num_classes != self.hparams.num_classes:
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {data.num_classes} categories"
-            )
         if data.thing_classes != self.thing_classes:
             raise ValueError(
                 f"model num_things={self.hparams.num_things} (things = labels 0..{self.hparams.num_things - 1}) but "
                 f"{data.describe()} has things at labels {data.thing_classes[:10]}... (categories sorted by id)"
             )
 
-    def training_step(self, batch, batch_idx):
-        images, targets = batch
-        losses = self.criterion(self(images), targets)
-        loss = self.criterion.weighted_total(losses)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
-                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
-        for name, value in losses.items():
-            if not name[-1].isdigit():
-                self.log(f"train/{name}", value, batch_size=len(targets))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
-        return loss
-
     # --- evaluation -------------------------------------------------------------------------------
     def _categories(self) -> list[dict]:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None  # predict: none
+        data = self._datamodule()  # none in `clusterformer predict`
         categories = getattr(data, "categories", None)
         if categories is None:
             categories = [
@@ -248,7 +206,7 @@ class PanopticTask(L.LightningModule):
             mask_threshold=h.mask_threshold, category_ids=[c["id"] for c in self._categories()],
         )  # fmt: skip
 
-    def _evaluate(self, batch) -> None:
+    def _evaluate(self, batch, split: str) -> None:
         images, targets = batch
         categories = self._categories()
         if self._pq is None:
@@ -320,39 +278,7 @@ class PanopticTask(L.LightningModule):
         }
         results = [r for v in instances.values() for r in v]
         self.log(f"{split}/mAP_pan_th", float(coco_evaluate(gt, results, "segm")["AP"]), sync_dist=False)
-        self._reset_metrics()
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self._reset_metrics()
-            return
-        self._score("val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._score("test")
-
-    def predict_step(self, batch, batch_idx):
-        images, targets = batch
-        return self.predict_batch(images, targets)
-
-    def configure_optimizers(self):
-        return set_optimizers(self)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
-        checkpoint["clusterformer_task"] = "panoptic"  # read by weights.task_from_checkpoint
-        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_dataset_info(self, checkpoint)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+        self._reset_evaluation()
 
 
 def _bbox(mask: np.ndarray) -> list[float]:

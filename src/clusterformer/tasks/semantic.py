@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
@@ -22,9 +20,8 @@ from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
 from ..losses import semantic_criterion
 from ..metrics.semantic import SemanticConfusion
-from .dataset_info import load_dataset_info, save_dataset_info
-from .rng import restore_rng_states, rng_states
-from .sets import pad_batch, set_optimizers
+from .base import DenseData, DenseTask
+from .sets import pad_batch
 
 
 class ImageOnly:
@@ -62,7 +59,7 @@ def _collate_eval(samples):
     return collate_semantic(samples, train=False)
 
 
-class SemanticData(L.LightningDataModule):
+class SemanticData(DenseData):
     """ADE20K layout: ``images/{training,validation}`` and ``annotations/{training,validation}`` label PNGs.
 
     Args:
@@ -99,6 +96,9 @@ class SemanticData(L.LightningDataModule):
     def describe(self) -> str:
         return str(self.root / self.hparams.train_labels)
 
+    def _collate(self, train: bool):
+        return collate_semantic if train else _collate_eval
+
     def _dataset(self, train: bool) -> SemanticFolder:
         h = self.hparams
         if train:
@@ -109,30 +109,11 @@ class SemanticData(L.LightningDataModule):
             images, labels = h.val_images, h.val_labels
         return SemanticFolder(self.root / images, self.root / labels, h.num_classes, h.reduce_zero_label, transform)
 
-    def _loader(self, train: bool) -> DataLoader:
-        dataset = self._dataset(train)
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.hparams.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=collate_semantic if train else _collate_eval,
-        )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(train=True)
+class SemanticTask(DenseTask):
+    class_word = "classes"
+    task_name = "semantic"
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(train=False)
-
-
-class SemanticTask(L.LightningModule):
     """Semantic segmentation with ClusterFormer: one decoder query per class (``num_queries =
     num_classes``, initialised from the encoder's centers through a linear map over the center axis),
     per-pixel cross-entropy x5 + dice x1 + class-presence focal loss x2 (``losses.semantic_criterion``),
@@ -165,31 +146,6 @@ class SemanticTask(L.LightningModule):
         self.criterion = semantic_criterion(num_classes, **(loss or {}))
         self.confusion = {"val": SemanticConfusion(num_classes), "test": SemanticConfusion(num_classes)}
 
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.model(images)
-
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} classes")
-
-    def training_step(self, batch, batch_idx):
-        images, targets = batch
-        losses = self.criterion(self(images), targets)
-        loss = self.criterion.weighted_total(losses)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
-                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
-        for name, value in losses.items():
-            if not name[-1].isdigit():
-                self.log(f"train/{name}", value, batch_size=len(targets))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
-        return loss
-
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[torch.Tensor]:
         """Per-image ``(H, W)`` class maps at each target's ``orig_size``."""
         outputs = self(images)
@@ -200,6 +156,10 @@ class SemanticTask(L.LightningModule):
         images, targets = batch
         for target, prediction in zip(targets, self.predict_batch(images, targets), strict=True):
             self.confusion[split].update(prediction.cpu(), target["semantic"].cpu())
+
+    def _reset_evaluation(self) -> None:
+        for confusion in self.confusion.values():
+            confusion.reset()
 
     def _score(self, split: str) -> None:
         confusion = self.confusion[split]
@@ -213,35 +173,3 @@ class SemanticTask(L.LightningModule):
         for key in ("mIoU", "mAcc", "aAcc"):
             self.log(f"{split}/{key}", float(result[key]), prog_bar=key == "mIoU", sync_dist=False)
         self.confusion[split].reset()
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:
-            self.confusion["val"].reset()
-            return
-        self._score("val")
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._score("test")
-
-    def predict_step(self, batch, batch_idx):
-        images, targets = batch
-        return self.predict_batch(images, targets)
-
-    def configure_optimizers(self):
-        return set_optimizers(self)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
-        checkpoint["clusterformer_task"] = "semantic"  # read by weights.task_from_checkpoint
-        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_dataset_info(self, checkpoint)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from torchvision.ops import box_convert
 
 import clusterformer  # noqa: F401  (registers the models with timm)
@@ -25,8 +23,7 @@ from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, detection_criterion, instance_criterion
 from ..matching import HungarianMatcher
 from ..metrics.coco import coco_evaluate, to_coco_results
-from .dataset_info import load_dataset_info, save_dataset_info
-from .rng import restore_rng_states, rng_states
+from .base import DenseData, DenseTask, set_optimizers, step_decay  # noqa: F401  (re-exported)
 
 TASKS = ("detection", "instance")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -69,7 +66,7 @@ def collate_sets(samples: list[tuple[torch.Tensor, dict]], drop_crowds: bool = T
     return images, targets
 
 
-class CocoData(L.LightningDataModule):
+class CocoData(DenseData):
     """COCO instances (boxes, and masks for instance segmentation) with the paper's dense transforms.
 
     Args:
@@ -112,6 +109,9 @@ class CocoData(L.LightningDataModule):
     def describe(self) -> str:
         return str(self.val_annotation_file)
 
+    def _collate(self, train: bool):
+        return collate_sets
+
     def _dataset(self, train: bool) -> CocoInstances:
         h = self.hparams
         if train:
@@ -119,27 +119,6 @@ class CocoData(L.LightningDataModule):
             return CocoInstances(self.root / h.train_images, self.root / h.train_annotations, transform, h.masks)
         transform = transforms.dense_eval(h.test_shorter_side, h.test_max_size)
         return CocoInstances(self.root / h.val_images, self.val_annotation_file, transform, h.masks)
-
-    def _loader(self, dataset, train: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.hparams.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=collate_sets,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset(train=True), train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._dataset(train=False), train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
 
 
 def joint_criterion(
@@ -162,41 +141,7 @@ def joint_criterion(
     return SetCriterion(num_classes, matcher, weights, ("labels", "boxes", "masks"), num_points=num_points)
 
 
-def step_decay(step: int, warmup_steps: int, total_steps: int, milestones: tuple[float, ...]) -> float:
-    """Learning-rate factor: linear warm-up, then x0.1 at each milestone (fractions of the run)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.1 ** sum(step >= m * total_steps for m in milestones)
-
-
-def set_optimizers(module: L.LightningModule) -> dict:
-    """AdamW over ``module.model`` in four groups — backbone or not, decayed or not (no decay on norms,
-    biases and the backbone's ``no_weight_decay()``) — the backbone at ``lr * backbone_lr_mult``; the
-    per-step ``step_decay`` schedule. Reads ``lr``, ``backbone_lr_mult``, ``weight_decay``,
-    ``warmup_steps`` and ``lr_milestones`` from the module's hyperparameters."""
-    h = module.hparams
-    model = module.model
-    backbone_no_decay = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_backbone = name.startswith("backbone.")
-        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
-        key = (is_backbone, decay)
-        if key not in groups:
-            lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
-            groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
-        groups[key]["params"].append(param)
-    optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-class SetTask(L.LightningModule):
+class SetTask(DenseTask):
     """Detection (``task="detection"``: boxes, focal class loss + L1 + GIoU) or instance segmentation
     (``task="instance"``: masks, focal class loss + point-sampled BCE + dice) with ClusterFormer.
 
@@ -247,34 +192,7 @@ class SetTask(L.LightningModule):
             if masks and boxes
             else (instance_criterion if masks else detection_criterion)(num_classes, **(loss or {}))
         )
-        self._predictions: dict[int, list[dict]] = {}
-
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.model(images)
-
-    def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} categories"
-            )
-
-    def training_step(self, batch, batch_idx):
-        images, targets = batch
-        losses = self.criterion(self(images), targets)
-        loss = self.criterion.weighted_total(losses)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopping. "
-                "Resume from the last checkpoint with a lower learning rate or with gradient clipping."
-            )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
-        for name, value in losses.items():
-            if not name[-1].isdigit():  # the final layer's terms (aux layers end in _0, _1, ...)
-                self.log(f"train/{name}", value, batch_size=len(targets))
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
-        return loss
+        self._predictions: dict[int, dict] = {}
 
     # --- evaluation -------------------------------------------------------------------------------
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict]:
@@ -293,7 +211,14 @@ class SetTask(L.LightningModule):
                 result["box_results"] = box_result
         return results
 
-    def _evaluate_batch(self, batch) -> None:
+    @property
+    def task_name(self) -> str:
+        return self.hparams.task
+
+    def _reset_evaluation(self) -> None:
+        self._predictions = {}
+
+    def _evaluate(self, batch, split: str) -> None:
         images, targets = batch
         categories = self._label_to_category()
         for target, result in zip(targets, self.predict_batch(images, targets), strict=True):
@@ -333,35 +258,3 @@ class SetTask(L.LightningModule):
             stats = coco_evaluate(gt, results, iou_type)
             for key in METRIC_KEYS:
                 self.log(f"{split}/{iou_type}_{key}", float(stats[key]), prog_bar=key == "AP50", sync_dist=False)
-
-    def validation_step(self, batch, batch_idx):
-        self._evaluate_batch(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._score("val")
-        self._predictions = {}
-
-    def test_step(self, batch, batch_idx):
-        self._evaluate_batch(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._score("test")
-
-    def predict_step(self, batch, batch_idx):
-        images, targets = batch
-        return self.predict_batch(images, targets)
-
-    # --- optimisation -----------------------------------------------------------------------------
-    def configure_optimizers(self):
-        return set_optimizers(self)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = rng_states()
-        checkpoint["clusterformer_task"] = self.hparams.task  # read by weights.task_from_checkpoint
-        save_dataset_info(self, checkpoint)  # class names for `clusterformer predict`
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_dataset_info(self, checkpoint)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])

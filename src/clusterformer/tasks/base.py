@@ -1,0 +1,192 @@
+"""What the Lightning tasks share.
+
+``check_finite``, ``save_checkpoint_extras`` and ``load_checkpoint_extras``: all tasks, classification
+included. For the dense tasks (detection / instance, semantic, panoptic):
+``DenseData``: the data loaders (shuffled, ``drop_last`` training batches; the subclass gives the
+dataset and the collate function). ``DenseTask``: the forward pass, the training step (the criterion's
+weighted total, a stop on a non-finite loss, loss logging), the validation / test / predict hooks
+around the subclass's ``_evaluate(batch, split)``, ``_score(split)`` and ``_reset_evaluation()``,
+AdamW with the step schedule (``set_optimizers``) and the checkpoint extras (RNG states, the task
+name, the class names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .dataset_info import load_dataset_info, save_dataset_info
+from .rng import restore_rng_states, rng_states
+
+
+class DenseData(L.LightningDataModule):
+    """Loaders over ``_dataset(train)`` with ``_collate(train)``; ``hparams.batch_size`` and ``num_workers``."""
+
+    def _dataset(self, train: bool) -> Dataset:
+        raise NotImplementedError
+
+    def _collate(self, train: bool) -> Callable:
+        raise NotImplementedError
+
+    def _loader(self, train: bool) -> DataLoader:
+        dataset = self._dataset(train)
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.hparams.batch_size,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=self._collate(train),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(train=False)
+
+
+def set_optimizers(module: L.LightningModule) -> dict:
+    """AdamW over ``module.model`` in four groups — backbone or not, decayed or not (no decay on norms,
+    biases and the backbone's ``no_weight_decay()``) — the backbone at ``lr * backbone_lr_mult``; the
+    per-step ``step_decay`` schedule. Reads ``lr``, ``backbone_lr_mult``, ``weight_decay``,
+    ``warmup_steps`` and ``lr_milestones`` from the module's hyperparameters."""
+    h = module.hparams
+    model = module.model
+    backbone_no_decay = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_backbone = name.startswith("backbone.")
+        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
+        key = (is_backbone, decay)
+        if key not in groups:
+            lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
+            groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
+        groups[key]["params"].append(param)
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def step_decay(step: int, warmup_steps: int, total_steps: int, milestones: tuple[float, ...]) -> float:
+    """Learning-rate factor: linear warm-up, then x0.1 at each milestone (fractions of the run)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.1 ** sum(step >= m * total_steps for m in milestones)
+
+
+def check_finite(module: L.LightningModule, loss: torch.Tensor) -> None:
+    """Stop with a message naming the step and epoch when the training loss is NaN or infinite."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss is {loss.item()} at step {module.global_step} (epoch {module.current_epoch}); "
+            "stopping. Resume from the last checkpoint with a lower learning rate or with gradient clipping."
+        )
+
+
+def save_checkpoint_extras(module: L.LightningModule, checkpoint: dict, task: str) -> None:
+    """RNG states (exact resume), the task name (``weights.task_from_checkpoint``) and the class names
+    (``clusterformer predict``)."""
+    checkpoint["rng_states"] = rng_states()
+    checkpoint["clusterformer_task"] = task
+    save_dataset_info(module, checkpoint)
+
+
+def load_checkpoint_extras(module: L.LightningModule, checkpoint: dict) -> None:
+    load_dataset_info(module, checkpoint)
+    if "rng_states" in checkpoint:
+        restore_rng_states(checkpoint["rng_states"])
+
+
+class DenseTask(L.LightningModule):
+    """Base of the dense Lightning tasks: the subclass builds ``self.model`` and ``self.criterion`` (a
+    criterion with ``weighted_total``) and implements ``predict_batch(images, targets)``,
+    ``_evaluate(batch, split)``, ``_score(split)`` and ``_reset_evaluation()``."""
+
+    #: what the dataset calls its classes, for the mismatch error
+    class_word = "categories"
+
+    @property
+    def task_name(self) -> str:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> dict:
+        return self.model(images)
+
+    def _datamodule(self):
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def setup(self, stage: str) -> None:
+        data = self._datamodule()
+        found = getattr(data, "num_classes", None)
+        if found is not None and found != self.hparams.num_classes:
+            raise ValueError(
+                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} {self.class_word}"
+            )
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        losses = self.criterion(self(images), targets)
+        loss = self.criterion.weighted_total(losses)
+        check_finite(self, loss)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
+        for name, value in losses.items():
+            if not name[-1].isdigit():  # the final layer's terms (aux layers end in _0, _1, ...)
+                self.log(f"train/{name}", value, batch_size=len(targets))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=len(targets))
+        return loss
+
+    # --- evaluation hooks -------------------------------------------------------------------------
+    def predict_batch(self, images: torch.Tensor, targets: list[dict]):
+        raise NotImplementedError
+
+    def _evaluate(self, batch, split: str) -> None:
+        raise NotImplementedError
+
+    def _score(self, split: str) -> None:
+        raise NotImplementedError
+
+    def _reset_evaluation(self) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # the sanity check's batches are not scored
+            self._reset_evaluation()
+            return
+        self._score("val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._score("test")
+
+    def predict_step(self, batch, batch_idx):
+        images, targets = batch
+        return self.predict_batch(images, targets)
+
+    # --- optimisation and checkpoints -------------------------------------------------------------
+    def configure_optimizers(self):
+        return set_optimizers(self)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_checkpoint_extras(self, checkpoint, self.task_name)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_checkpoint_extras(self, checkpoint)
