@@ -157,10 +157,10 @@ def test_missing_transformers_names_the_extra(monkeypatch, capsys):
     assert "pip install clusterformer[bench]" in capsys.readouterr().err
 
 
-def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
-    calls = []
+def recording_run(calls: list):
+    """A stand-in for ``run_benchmark`` that records its arguments (the harness itself is tested above)."""
 
-    def fake_run(models, batch, img_size, train, **kwargs):  # the harness itself is tested above
+    def fake_run(models, batch, img_size, train, **kwargs):
         calls.append((tuple(models), batch, img_size, train))
         result = dict(model=models[0], params_m=1.0, gmacs=1.0, infer_img_s=2.0, infer_vs_peer=None)
         result.update(train_img_s=None, train_vs_peer=None, infer_peak_mib=10.0, train_peak_mib=None)
@@ -168,7 +168,13 @@ def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
             machine="m", torch="t", dtype="fp32", batch=batch, img_size=img_size, rounds=1, iters=1, results=[result]
         )
 
-    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", fake_run)
+    return fake_run
+
+
+def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", recording_run(calls))
     out_json = tmp_path / "dense.json"
     args = ["benchmark", "--task", "dense", "--models", "clusterformer_nano_detection"]
     assert main([*args, "--img-size", "64", "--img-size", "64x96", "--json", str(out_json)]) == 0
@@ -245,15 +251,7 @@ def test_runtime_workloads_compute_what_eager_computes(tmp_path):
 def test_cli_onnx_measures_eager_compile_and_onnxruntime(monkeypatch, capsys):
     calls = []
 
-    def fake_run(models, batch, img_size, train, **kwargs):
-        calls.append((tuple(models), batch, img_size, train))
-        result = dict(model=models[0], params_m=1.0, gmacs=1.0, infer_img_s=2.0, infer_vs_peer=None)
-        result.update(train_img_s=None, train_vs_peer=None, infer_peak_mib=10.0, train_peak_mib=None)
-        return dict(
-            machine="m", torch="t", dtype="fp32", batch=batch, img_size=img_size, rounds=1, iters=1, results=[result]
-        )
-
-    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", fake_run)
+    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", recording_run(calls))
     assert main(["benchmark", "--onnx"]) == 0
     assert calls == [(("clusterformer_tiny", "clusterformer_tiny@compile", "clusterformer_tiny@onnxruntime"), 8, 224,
                       False)]  # fmt: skip

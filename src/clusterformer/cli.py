@@ -333,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         "training_curve.png, predictions.png, report.md). Checkpoints go to OUT/checkpoints, logs to OUT/logs.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
-    demo.add_argument("--quick", action="store_true", help="a smaller dataset and fewer epochs (about a minute)")
+    demo.add_argument(
+        "--quick", action="store_true", help="a smaller dataset and fewer epochs (about 4 minutes on 2 CPU cores)"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
     demo.set_defaults(func=_demo)

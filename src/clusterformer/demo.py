@@ -20,7 +20,7 @@ from pathlib import Path
 PRESETS = {
     # images per split, scene size, epochs per task
     "full": dict(num_train=1000, num_val=200, size=96, epochs=12, set_epochs=6, semantic_epochs=3, panoptic_epochs=4),
-    "quick": dict(num_train=300, num_val=80, size=96, epochs=3, set_epochs=2, semantic_epochs=1, panoptic_epochs=1),
+    "quick": dict(num_train=300, num_val=80, size=96, epochs=6, set_epochs=4, semantic_epochs=3, panoptic_epochs=3),
 }
 STAGES = 5
 SET_DECODER = dict(num_queries=20, dim=64, mask_dim=64, num_layers=3, num_heads=4, iterations=3, ffn_dim=256)
@@ -159,7 +159,7 @@ def run_sets(out: Path, preset: dict, seed: int, num_workers: int, encoder_state
     )  # fmt: skip
     task = SetTask(
         "instance", "clusterformer_nano", num_classes=data.num_classes, decoder=SET_DECODER,
-        loss={"num_points": 1024}, lr=1e-3, backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,),
+        loss={"num_points": 1024}, lr=1e-4, backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,),
         predict_boxes=True,
     )  # fmt: skip
     _load_encoder(task, encoder_state)

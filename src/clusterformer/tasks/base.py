@@ -22,6 +22,22 @@ from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
 
 
+def make_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, train: bool, collate_fn: Callable | None = None
+) -> DataLoader:
+    """Training: shuffled, the last partial batch dropped (when there is more than one batch); evaluation:
+    in order, every sample. Workers persist between epochs."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
+    )
+
+
 class DenseData(L.LightningDataModule):
     """Loaders over ``_dataset(train)`` with ``_collate(train)``; ``hparams.batch_size`` and ``num_workers``."""
 
@@ -32,17 +48,8 @@ class DenseData(L.LightningDataModule):
         raise NotImplementedError
 
     def _loader(self, train: bool) -> DataLoader:
-        dataset = self._dataset(train)
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.hparams.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            collate_fn=self._collate(train),
-        )
+        h = self.hparams
+        return make_loader(self._dataset(train), h.batch_size, h.num_workers, train, self._collate(train))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(train=True)

@@ -17,7 +17,7 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
-from .base import check_finite, load_checkpoint_extras, save_checkpoint_extras
+from .base import check_finite, load_checkpoint_extras, make_loader, save_checkpoint_extras
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -184,15 +184,7 @@ class ImageFolderData(L.LightningDataModule):
         return dataset
 
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) > self.hparams.batch_size,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
+        return make_loader(dataset, self.hparams.batch_size, self.hparams.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.hparams.train_dir, train=True), shuffle=True)
