@@ -23,5 +23,5 @@ def test_demo_writes_a_report(tmp_path):
     for task, key in (("semantic", "val/mIoU"), ("panoptic", "val/PQ"), ("panoptic", "val/PQ_th")):
         assert 0 <= metrics[task]["trained"][key] <= 1
     text = (report / "report.md").read_text()
-    for name in ("top-1", "box AP50", "mask AP50", "mIoU", "PQ things", "PQ stuff"):
+    for name in ("top-1", "box AP50 (boxes around the masks)", "mask AP50", "mIoU", "PQ things", "PQ stuff"):
         assert f"| {name} |" in text, name
