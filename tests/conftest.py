@@ -26,3 +26,13 @@ def shapes_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of small models (``pytestmark = pytest.mark.usefixtures("one_thread")``): one torch
+    thread is faster than several for them, much faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,7 @@ from clusterformer.cli import main
 from clusterformer.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
 from test_predict import train_one_step
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ SMALL = dict(depths=(1, 1, 1, 1), iterations=1)
 DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, iterations=1, ffn_dim=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread avoids the cost of threads waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, f
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than several, much faster on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ def save_lightning_checkpoint(module: L.LightningModule, path) -> None:
     trainer.save_checkpoint(path, weights_only=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on a shared CPU: one thread avoids the cost of threads waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
