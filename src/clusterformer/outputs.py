@@ -42,6 +42,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def json_safe(value):
+    """A JSON-ready copy: dicts (keys as strings), lists, str, int, float, bool and None; anything else
+    becomes its string."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
 def write_json(path: str | Path, data, indent: int | None = 1) -> Path:
     """``data`` as JSON (``indent=None``: compact, for large files), atomically."""
     with atomic_path(path) as temporary:

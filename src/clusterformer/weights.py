@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .outputs import json_safe
+
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 TASK_KEY = "clusterformer_task"  # written by every task's on_save_checkpoint
 WEIGHTS_FORMAT = "clusterformer-weights"
@@ -178,16 +180,6 @@ def _prefix(out: str | Path) -> Path:
     return out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
 
 
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
-
-
 def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = False) -> tuple[Path, Path]:
     """Write the model of a task checkpoint as ``OUT.safetensors`` and ``OUT.json`` (``out`` is the prefix; a
     ``.safetensors`` or ``.json`` suffix is dropped). Returns the two paths.
@@ -223,7 +215,7 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = 
         "num_classes": num_classes,
         "backbone_only": backbone_only,
         "task_class": f"{type(module).__module__}.{type(module).__qualname__}",
-        "hyper_parameters": _json_safe(rebuild_kwargs(hparams)),
+        "hyper_parameters": json_safe(rebuild_kwargs(hparams)),
     }
     prefix = _prefix(out)
     weights, info = prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")

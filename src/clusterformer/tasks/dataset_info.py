@@ -15,19 +15,10 @@ from __future__ import annotations
 
 import lightning as L
 
+from ..outputs import json_safe
+
 CLASSES_KEY = "clusterformer_classes"
 CATEGORIES_KEY = "clusterformer_categories"
-
-
-def _plain(value):
-    """JSON-like copy: dicts, lists, str, int, float, bool, None (anything else becomes a string)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def save_dataset_info(module: L.LightningModule, checkpoint: dict) -> None:
@@ -41,7 +32,7 @@ def save_dataset_info(module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint.update(getattr(module, "_dataset_info", {}))
         return
     if categories:
-        checkpoint[CATEGORIES_KEY] = _plain(list(categories))
+        checkpoint[CATEGORIES_KEY] = json_safe(list(categories))
     if classes:
         checkpoint[CLASSES_KEY] = [str(name) for name in classes]
 
