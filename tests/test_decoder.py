@@ -9,7 +9,9 @@ import clusterformer  # noqa: F401
 from clusterformer.heads import (
     ClusteringDecoder,
     ClusteringDecoderLayer,
+    box_sine,
     build_set_model,
+    cluster_boxes,
     detection_postprocess,
     grid_boxes,
     instance_postprocess,
@@ -133,7 +135,7 @@ def test_set_model_outputs_and_every_parameter_learns(kind, hw):
 def test_encoder_centers_reach_the_queries():
     """With query_init='encoder' the decoder's output depends on the backbone's last cluster centers."""
     torch.manual_seed(0)
-    model = build_set_model("clusterformer_nano", num_classes=3, **NANO_DECODER)
+    model = build_set_model("clusterformer_nano", num_classes=3, query_position="learnt", **NANO_DECODER)
     images = torch.randn(1, 3, 64, 64)
     features, centers = model.backbone.forward_dense(images)
     assert centers.shape == (1, 100, 256)
@@ -179,16 +181,119 @@ def test_grid_boxes_are_the_cells_of_a_grid():
         torch.tensor([[0.25, 0.25, 0.5, 0.5], [0.75, 0.25, 0.5, 0.5], [0.25, 0.75, 0.5, 0.5], [0.75, 0.75, 0.5, 0.5]]),
     )
     assert grid_boxes(7).shape == (7, 4)  # the first 7 cells of a 3 x 3 grid
+    boxes = grid_boxes(20)  # 4 rows x 5 columns: the whole image, no empty row
+    assert sorted(set(boxes[:, 1].tolist())) == pytest.approx([0.125, 0.375, 0.625, 0.875])
+    assert sorted(set(boxes[:, 0].tolist())) == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+    torch.testing.assert_close(boxes[:, 2:], torch.tensor([0.2, 0.25]).expand(20, 2))
+
+
+def test_cluster_boxes_match_the_moments_formula(float64):
+    torch.manual_seed(0)
+    b, heads, h, w, k = 2, 3, 4, 5, 6
+    assignments = torch.rand(b, heads, h * w, k, dtype=torch.float64)
+    boxes = cluster_boxes(assignments, (h, w), eps=0.0)
+    for i in range(b):
+        for j in range(k):
+            weight = [sum(float(assignments[i, m, y * w + x, j]) for m in range(heads)) / heads
+                      for y in range(h) for x in range(w)]  # fmt: skip
+            total = sum(weight)
+            xs = [(x + 0.5) / w for y in range(h) for x in range(w)]
+            ys = [(y + 0.5) / h for y in range(h) for x in range(w)]
+            cx = sum(wt * v for wt, v in zip(weight, xs, strict=True)) / total
+            cy = sum(wt * v for wt, v in zip(weight, ys, strict=True)) / total
+            # variance of a mixture of uniform squares: spread of the centres + a square's own 1 / (12 w^2)
+            vx = sum(wt * (v - cx) ** 2 for wt, v in zip(weight, xs, strict=True)) / total + 1 / (12 * w * w)
+            vy = sum(wt * (v - cy) ** 2 for wt, v in zip(weight, ys, strict=True)) / total + 1 / (12 * h * h)
+            expected = torch.tensor([cx, cy, math.sqrt(12 * vx), math.sqrt(12 * vy)], dtype=torch.float64)
+            torch.testing.assert_close(boxes[i, j], expected)
+
+
+def test_cluster_boxes_of_a_rectangle_is_the_rectangle():
+    h, w = 8, 12
+    inside = torch.zeros(h, w)
+    inside[2:5, 3:10] = 1.0  # rows 2-4, columns 3-9
+    assignments = torch.stack([inside.flatten(), torch.ones(h * w)], -1)[None, None]  # (1, 1, N, 2)
+    boxes = cluster_boxes(assignments, (h, w))[0]
+    torch.testing.assert_close(boxes[0], torch.tensor([6.5 / 12, 3.5 / 8, 7 / 12, 3 / 8]))
+    torch.testing.assert_close(boxes[1], torch.tensor([0.5, 0.5, 1.0, 1.0]))  # every pixel: the whole map
+
+
+def test_boxes_refine_the_box_of_their_cluster():
+    """box_reference='clusters': layer i predicts sigmoid(MLP(q_i) + logit(cluster box of layer i)),
+    and the box loss reaches the clustering through the cluster boxes."""
+    torch.manual_seed(0)
+    model = build_set_model(
+        "clusterformer_nano", num_classes=3, num_queries=9, box_reference="clusters", **NANO_DECODER
+    )
+    assert model.box_reference == "clusters" and model.head.reference is None
+    captured, states = [], []
+    for layer in model.decoder.layers:
+        layer.clustering.register_forward_hook(lambda mod, args, out: captured.append(out[1]))
+    model.decoder.norm.register_forward_hook(lambda mod, args, out: states.append(out))
+    levels = []
+    model.decoder.pixel_decoder.register_forward_hook(lambda mod, args, out: levels.extend(out[1]))
+    out = model(torch.randn(2, 3, 64, 64))
+    for i, (state, layer) in enumerate(zip(states, [*out["aux"], out], strict=True)):
+        h, w = levels[i % 3].shape[-2:]
+        assign = captured[i].view(2, -1, h * w, 9)  # (B * heads, N, K) -> (B, heads, N, K)
+        reference = cluster_boxes(assign, (h, w)).clamp(1e-5, 1 - 1e-5)  # a width may reach 1: the whole map
+        expected = (model.head.box_embed(state) + torch.log(reference / (1 - reference))).sigmoid()
+        torch.testing.assert_close(layer["boxes"], expected, atol=1e-5, rtol=1e-4)
+    out["boxes"].sum().backward()
+    assert model.decoder.layers[-1].clustering.q.weight.grad.abs().sum() > 0  # through the cluster boxes
+    with pytest.raises(ValueError, match="box_reference"):
+        build_set_model("clusterformer_nano", num_classes=3, box_reference="grid", **NANO_DECODER)
+
+
+def test_box_sine_is_the_pixel_position_of_the_box_centre_then_its_size(float64):
+    h, w, dim = 4, 8, 16
+    grid = sine_position(h, w, dim, dtype=torch.float64)
+    y, x = 1, 5
+    box = torch.tensor([(x + 0.5) / w, (y + 0.5) / h, 0.3, 0.6], dtype=torch.float64)
+    embedding = box_sine(box[None, None], dim)[0, 0]
+    assert embedding.shape == (2 * dim,)
+    torch.testing.assert_close(embedding[:dim], grid[y * w + x])
+    size = sine_position(1, 1, dim, dtype=torch.float64)  # the centre of a 1 x 1 map: (0.5, 0.5)
+    same = box_sine(torch.tensor([[[0.1, 0.2, 0.5, 0.5]]], dtype=torch.float64), dim)[0, 0]
+    torch.testing.assert_close(same[dim:], size[0])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        box_sine(box, 6)
+
+
+def test_box_queries_take_their_position_from_the_current_reference_boxes():
+    """query_position='boxes': layer 0 sees MLP(sine(learnt reference)), layer i MLP(sine(layer i-1's boxes))."""
+    torch.manual_seed(0)
+    model = build_set_model(
+        "clusterformer_nano", num_classes=3, num_queries=9, query_position="boxes", **NANO_DECODER
+    ).eval()
+    assert model.decoder.query_position == "boxes" and not hasattr(model.decoder, "query_pos")
+    seen = []
+    for layer in model.decoder.layers:
+        layer.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(images)
+        references = [model.head.reference.sigmoid()[None], *[layer["boxes"] for layer in out["aux"]]]
+        for query_pos, reference in zip(seen, references, strict=True):
+            expected = model.decoder.box_position(box_sine(reference, NANO_DECODER["dim"]))
+            torch.testing.assert_close(query_pos.expand(2, -1, -1), expected.expand(2, -1, -1))
+        model.head.reference.add_(0.5)  # other first references: other queries from the first layer on
+        moved = model(images)
+    assert not torch.allclose(moved["aux"][0]["logits"], out["aux"][0]["logits"])
+    with pytest.raises(ValueError, match="box head"):
+        build_set_model("clusterformer_nano", num_classes=3, boxes=False, masks=True, query_position="boxes")
 
 
 def test_boxes_are_refined_layer_by_layer():
     """Layer 0 refines the learnt grid references; layer i refines layer i-1's (detached) boxes."""
     torch.manual_seed(0)
     model = build_set_model("clusterformer_nano", num_classes=3, num_queries=9, **NANO_DECODER).eval()
+    assert model.box_reference == "refine"
     images = torch.randn(1, 3, 64, 64)
+    states = []
+    model.decoder.norm.register_forward_hook(lambda mod, args, out: states.append(out))  # once per layer
     with torch.no_grad():
         out = model(images)
-        states, _ = model.decoder(*model.backbone.forward_dense(images))
         layers = [*out["aux"], out]
         reference = model.head.reference.sigmoid().expand(1, -1, -1)
         for state, layer in zip(states, layers, strict=True):

@@ -3,13 +3,12 @@ evaluate every model before and after training and write a short report (metrics
 pictures of predictions).
 
 1. classification of the shape crops (top-1);
-2. instance segmentation of the scenes (mask head on the clustering decoder; its boxes are the boxes
-   around the masks, scored as detections), its encoder initialised from step 1's classifier, as the
-   paper initialises the dense models from the ImageNet encoder (box AP and mask AP, pycocotools). The
-   box-regression head is not trained here: jointly with the masks it kept the class head from learning
-   in a few minutes (docs/training.md);
-3. semantic segmentation (one query per class; mIoU);
-4. panoptic segmentation (PQ, PQ_th, PQ_st), both also from step 1's encoder.
+2. object detection of the scenes (box head on the clustering decoder, one query per encoder cluster
+   center; box AP, pycocotools), its encoder initialised from step 1's classifier, as the paper
+   initialises the dense models from the ImageNet encoder;
+3. instance segmentation (mask head; mask AP);
+4. semantic segmentation (one query per class; mIoU);
+5. panoptic segmentation (PQ, PQ_th, PQ_st), all from step 1's encoder.
 """
 
 from __future__ import annotations
@@ -21,11 +20,15 @@ from pathlib import Path
 
 PRESETS = {
     # images per split, scene size, epochs per task
-    "full": dict(num_train=1000, num_val=200, size=96, epochs=12, set_epochs=6, semantic_epochs=3, panoptic_epochs=4),
-    "quick": dict(num_train=300, num_val=80, size=96, epochs=6, set_epochs=4, semantic_epochs=3, panoptic_epochs=3),
-}
-STAGES = 5
+    "full": dict(num_train=1000, num_val=200, size=96, epochs=9, detection_epochs=5, set_epochs=5, semantic_epochs=3,
+                 panoptic_epochs=4),
+    "quick": dict(num_train=300, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
+                  panoptic_epochs=3),
+}  # fmt: skip
+STAGES = 6
 SET_DECODER = dict(num_queries=20, dim=64, mask_dim=64, num_layers=3, num_heads=4, iterations=3, ffn_dim=256)
+# detection: one query per encoder cluster center (100), each query's first box a cell of a 10 x 10 grid
+DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
 
 
 def _trainer_kwargs(out: Path) -> dict:
@@ -34,7 +37,7 @@ def _trainer_kwargs(out: Path) -> dict:
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: int = 2, **overrides) -> dict:
     """Run the demo into ``out``; ``overrides`` replace entries of the preset (num_train, num_val, size,
-    epochs, set_epochs, semantic_epochs, panoptic_epochs). Returns the metrics written to
+    epochs, detection_epochs, set_epochs, semantic_epochs, panoptic_epochs). Returns the metrics written to
     ``out/report/metrics.json``."""
     from .data import make_shapes
 
@@ -57,15 +60,19 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: i
     _print_change(classification, ["val/top1"])
     encoder = classifier.model.state_dict()
 
-    stage(3, f"detection + instance segmentation: {preset['set_epochs']} epochs on the scenes")
-    sets = run_sets(out, preset, seed, num_workers, encoder)
-    _print_change(sets, ["val/bbox_AP50", "val/segm_AP50"])
+    stage(3, f"object detection: {preset['detection_epochs']} epochs on the scenes")
+    detection = run_sets(out, preset, seed, num_workers, encoder, "detection")
+    _print_change(detection, ["val/bbox_AP50"])
 
-    stage(4, f"semantic segmentation: {preset['semantic_epochs']} epochs")
+    stage(4, f"instance segmentation: {preset['set_epochs']} epochs")
+    instance = run_sets(out, preset, seed, num_workers, encoder, "instance")
+    _print_change(instance, ["val/segm_AP50"])
+
+    stage(5, f"semantic segmentation: {preset['semantic_epochs']} epochs")
     semantic = run_semantic(out, preset, seed, num_workers, encoder)
     _print_change(semantic, ["val/mIoU"])
 
-    stage(5, f"panoptic segmentation: {preset['panoptic_epochs']} epochs")
+    stage(6, f"panoptic segmentation: {preset['panoptic_epochs']} epochs")
     panoptic = run_panoptic(out, preset, seed, num_workers, encoder)
     _print_change(panoptic, ["val/PQ", "val/PQ_th", "val/PQ_st"])
 
@@ -73,7 +80,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: i
         "model": "clusterformer_nano",
         "scenes": {"train": preset["num_train"], "val": preset["num_val"], "size": preset["size"]},
         "classification": classification,
-        "detection_instance": sets,
+        "detection": detection,
+        "instance": instance,
         "semantic": semantic,
         "panoptic": panoptic,
         "seconds": round(time.perf_counter() - start, 1),
@@ -137,7 +145,10 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
         callbacks=[ModelCheckpoint(dirpath=str(out / name / "checkpoints"), save_last=True)], **common,
     )  # fmt: skip
     trainer.fit(task, data)
-    after = trainer.validate(task, data, verbose=False)[0]
+    if epochs % trainer.check_val_every_n_epoch == 0:  # the last epoch was validated with the final weights
+        after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    else:
+        after = trainer.validate(task, data, verbose=False)[0]
     plot_curves(Path(logger.log_dir) / "metrics.csv", out / "report" / f"{name}_curve.png", val_keys)
     return {"epochs": epochs, "untrained": before, "trained": after}
 
@@ -147,27 +158,32 @@ def _load_encoder(task, encoder_state: dict | None) -> None:
         task.model.backbone.load_state_dict({k: v for k, v in encoder_state.items() if not k.startswith("head.")})
 
 
-def run_sets(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+def run_sets(
+    out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None, kind: str = "instance"
+) -> dict:
+    """Train and evaluate the detection (``kind="detection"``) or instance model of the demo."""
     import lightning as L
 
     from .tasks import CocoData, SetTask
 
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
+    masks = kind == "instance"
     data = CocoData(
         str(out / "data"), "images/train", "annotations/instances_train.json", "images/val",
-        "annotations/instances_val.json", masks=True, crop=size, scale_range=(0.5, 1.5), test_shorter_side=size,
+        "annotations/instances_val.json", masks=masks, crop=size, scale_range=(0.5, 1.5), test_shorter_side=size,
         batch_size=8, num_workers=num_workers,
     )  # fmt: skip
     task = SetTask(
-        "instance", "clusterformer_nano", num_classes=data.num_classes, decoder=SET_DECODER,
-        loss={"num_points": 1024}, lr=1e-4, backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,),
+        kind, "clusterformer_nano", num_classes=data.num_classes, decoder=SET_DECODER if masks else DETECTION_DECODER,
+        loss={"num_points": 1024} if masks else None, lr=1e-4 if masks else 2e-4, backbone_lr_mult=1.0,
+        warmup_steps=20, lr_milestones=(0.9,),
     )  # fmt: skip
     _load_encoder(task, encoder_state)
-    result = fit_and_evaluate(
-        "detection_instance", task, data, out, preset["set_epochs"], ["val/bbox_AP50", "val/segm_AP50"]
-    )
-    plot_instances(task, data, out / "report" / "detection_instance_predictions.png")
+    epochs = preset["set_epochs" if masks else "detection_epochs"]
+    keys = ["val/segm_AP50", "val/bbox_AP50"] if masks else ["val/bbox_AP50"]
+    result = fit_and_evaluate(kind, task, data, out, epochs, keys)
+    plot_instances(task, data, out / "report" / f"{kind}_predictions.png")
     return result
 
 
@@ -215,10 +231,11 @@ def run_panoptic(out: Path, preset: dict, seed: int, num_workers: int, encoder_s
 
 REPORT_ROWS = [
     ("classification", "top-1", "val/top1"),
-    ("detection_instance", "box AP (boxes around the masks)", "val/bbox_AP"),
-    ("detection_instance", "box AP50 (boxes around the masks)", "val/bbox_AP50"),
-    ("detection_instance", "mask AP", "val/segm_AP"),
-    ("detection_instance", "mask AP50", "val/segm_AP50"),
+    ("detection", "box AP", "val/bbox_AP"),
+    ("detection", "box AP50", "val/bbox_AP50"),
+    ("instance", "mask AP", "val/segm_AP"),
+    ("instance", "mask AP50", "val/segm_AP50"),
+    ("instance", "box AP50 (boxes around the masks)", "val/bbox_AP50"),
     ("semantic", "mIoU", "val/mIoU"),
     ("panoptic", "PQ", "val/PQ"),
     ("panoptic", "PQ things", "val/PQ_th"),
@@ -242,16 +259,14 @@ def write_report(path: Path, metrics: dict) -> None:
         "| task | metric (validation) | untrained | trained |",
         "| --- | --- | --- | --- |",
         *(
-            f"| {task.replace('_', ' + ')} | {name} | {metrics[task]['untrained'][key]:.3f} | "
-            f"{metrics[task]['trained'][key]:.3f} |"
+            f"| {task} | {name} | {metrics[task]['untrained'][key]:.3f} | {metrics[task]['trained'][key]:.3f} |"
             for task, name, key in REPORT_ROWS
         ),
         "",
     ]
-    for picture in ("classification_curve", "classification_predictions", "detection_instance_curve",
-                    "detection_instance_predictions", "semantic_curve", "semantic_predictions", "panoptic_curve",
-                    "panoptic_predictions"):  # fmt: skip
-        lines += [f"![{picture.replace('_', ' ')}]({picture}.png)", ""]
+    for task in ("classification", "detection", "instance", "semantic", "panoptic"):
+        for picture in (f"{task}_curve", f"{task}_predictions"):
+            lines += [f"![{picture.replace('_', ' ')}]({picture}.png)", ""]
     path.write_text("\n".join(lines))
 
 
@@ -325,8 +340,9 @@ def plot_classification(task, data, path: Path, count: int = 16) -> None:
 
 
 def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_score: float = 0.1) -> None:
-    """Validation scenes: ground truth (top row) and the model's ``top`` best-scoring masks and boxes with a
-    score of at least ``min_score`` (bottom row; the scores of a model trained minutes are low)."""
+    """Validation scenes: ground truth (top row) and the model's ``top`` best-scoring masks (instance model)
+    and boxes with a score of at least ``min_score`` (bottom row; the scores of a model trained minutes are
+    low)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -334,6 +350,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
     import numpy as np
     import torch
     from matplotlib.patches import Rectangle
+    from torchvision.ops import box_convert
 
     from .data import CATEGORIES
     from .tasks.sets import collate_sets
@@ -350,10 +367,16 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
     for column, (image, target, result) in enumerate(zip(images, targets, results, strict=True)):
         h, w = target["size"]
         picture = _denormalise(image[:, :h, :w])
+        gt_masks = target["masks"][:, :h, :w] if "masks" in target else None
+        gt_boxes = (
+            None
+            if gt_masks is not None
+            else box_convert(target["boxes"] * torch.tensor([w, h, w, h]), "cxcywh", "xyxy")
+        )
         for row, (masks, boxes, labels, scores) in enumerate(
             [
-                (target["masks"][:, :h, :w], None, target["labels"], None),
-                (result["masks"], result.get("box_results", result)["boxes"], result["labels"], result["scores"]),
+                (gt_masks, gt_boxes, target["labels"], None),
+                (result.get("masks"), result.get("box_results", result)["boxes"], result["labels"], result["scores"]),
             ]
         ):
             ax = axes[row, column]
@@ -361,7 +384,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
             keep = range(len(labels))
             if scores is not None:
                 keep = [i for i in scores.argsort(descending=True)[:top].tolist() if scores[i] >= min_score]
-            for i in keep:
+            for i in keep if masks is not None else ():
                 mask = masks[i].numpy()
                 overlay[mask] = 0.45 * overlay[mask] + 0.55 * colours[int(labels[i])]
             ax.imshow(overlay)
@@ -369,7 +392,8 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
                 label = names[int(labels[i])] + ("" if scores is None else f" {scores[i]:.2f}")
                 if boxes is not None:
                     x0, y0, x1, y1 = boxes[i].tolist()
-                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", linewidth=0.8))
+                    colour = "white" if masks is not None else colours[int(labels[i])]
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour, linewidth=1.0))
                     ax.text(x0, y0, label, fontsize=5, color="white", va="bottom")
             ax.set_title("ground truth" if row == 0 else f"top {top} predictions (score >= {min_score})", fontsize=7)
             ax.axis("off")

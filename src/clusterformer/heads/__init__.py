@@ -1,6 +1,15 @@
 """Task heads on the ClusterFormer encoder: the shared clustering decoder and the set-prediction heads."""
 
-from .decoder import QUERY_INITS, ClusteringDecoder, ClusteringDecoderLayer, PixelDecoder, sine_position
+from .decoder import (
+    QUERY_INITS,
+    QUERY_POSITIONS,
+    ClusteringDecoder,
+    ClusteringDecoderLayer,
+    PixelDecoder,
+    box_sine,
+    cluster_boxes,
+    sine_position,
+)
 from .postprocess import (
     detection_postprocess,
     instance_postprocess,
@@ -13,12 +22,15 @@ from .sets import MLP, ClusterFormerSets, SetPredictionHead, build_set_model, gr
 __all__ = [
     "MLP",
     "QUERY_INITS",
+    "QUERY_POSITIONS",
     "ClusterFormerSets",
     "ClusteringDecoder",
     "ClusteringDecoderLayer",
     "PixelDecoder",
     "SetPredictionHead",
+    "box_sine",
     "build_set_model",
+    "cluster_boxes",
     "grid_boxes",
     "detection_postprocess",
     "instance_postprocess",

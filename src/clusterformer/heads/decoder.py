@@ -9,13 +9,16 @@
   LayerNorm (post-norm, as DETR and Mask2Former).
 * ``ClusteringDecoder``: initial queries from the encoder's cluster centers (default) or free learnable
   queries, then ``num_layers`` layers that visit the three levels in turn (32, 16, 8, 32, ...); it
-  returns the queries after every layer for deep supervision.
+  returns the queries after every layer for deep supervision. The queries' position embeddings are
+  learnt (``query_position="learnt"``) or, for box heads, computed from each query's current reference
+  box (``"boxes"``, DAB-DETR / DINO): the sine embedding of the box through an MLP, recomputed after
+  every layer from the box that layer predicts, so that a query clusters the pixels around its box.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +27,23 @@ from torch import nn
 from ..layers import RecurrentClustering
 
 QUERY_INITS = ("encoder", "free")
+QUERY_POSITIONS = ("learnt", "boxes")
+
+
+class MLP(nn.Module):
+    """``num_layers`` linear layers with ReLU between them."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = x.relu()
+        return x
 
 
 def sine_position(h: int, w: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -39,6 +59,43 @@ def sine_position(h: int, w: int, dim: int, device=None, dtype=torch.float32) ->
     ex = torch.stack([(x[:, None] / freqs).sin(), (x[:, None] / freqs).cos()], -1).flatten(1)  # (w, dim/2)
     pos = torch.cat([ey[:, None, :].expand(h, w, -1), ex[None, :, :].expand(h, w, -1)], dim=-1)
     return pos.reshape(h * w, dim).to(dtype)
+
+
+def _sine(coords: torch.Tensor, dim: int) -> torch.Tensor:
+    """``coords (..., n)`` in ``[0, 1]`` -> ``(..., n * dim / 2)``: per coordinate ``dim / 4`` (sin, cos)
+    pairs at the frequencies of ``sine_position``."""
+    quarter = dim // 4
+    freqs = 10000 ** (torch.arange(quarter, device=coords.device, dtype=torch.float32) / quarter)
+    angles = coords.float()[..., None] * (2 * math.pi) / freqs  # (..., n, quarter)
+    return torch.stack([angles.sin(), angles.cos()], -1).flatten(-3).to(coords.dtype)
+
+
+def box_sine(boxes: torch.Tensor, dim: int) -> torch.Tensor:
+    """``boxes (..., 4)`` normalised ``cxcywh`` -> ``(..., 2 * dim)``: the sine embeddings of ``cy, cx``
+    (laid out as ``sine_position``'s ``dim`` channels of a pixel at the box centre) then of ``h, w``."""
+    if dim % 4:
+        raise ValueError(f"position embedding width must be a multiple of 4, got {dim}")
+    return _sine(boxes[..., [1, 0, 3, 2]], dim)
+
+
+def cluster_boxes(assignments: torch.Tensor, hw: tuple[int, int], eps: float = 1e-6) -> torch.Tensor:
+    """The box of each cluster's pixels: ``assignments (B, heads, N, K)`` over an ``h x w`` map (row-major)
+    -> ``(B, K, 4)`` normalised ``cxcywh``. Each pixel is a uniform square, weighted by the cluster's
+    assignment averaged over the heads; the box centre is the mean position and its size ``sqrt(12)``
+    standard deviations per axis (the width of a uniform distribution with that spread), so the box of
+    a cluster that holds exactly the pixels of a rectangle is that rectangle."""
+    h, w = hw
+    dtype = torch.promote_types(assignments.dtype, torch.float32)
+    weights = assignments.to(dtype).mean(1)  # (B, N, K)
+    weights = weights / (weights.sum(1, keepdim=True) + eps)
+    y = ((torch.arange(h, device=weights.device, dtype=dtype) + 0.5) / h)[:, None].expand(h, w).reshape(-1)
+    x = ((torch.arange(w, device=weights.device, dtype=dtype) + 0.5) / w)[None, :].expand(h, w).reshape(-1)
+    coords = torch.stack([x, y, x.square(), y.square()], -1)  # (N, 4)
+    moments = torch.einsum("bnk,nc->bkc", weights, coords)
+    centre = moments[..., :2]
+    square = torch.tensor([1 / (12 * w * w), 1 / (12 * h * h)], device=weights.device, dtype=dtype)  # own variance
+    spread = (moments[..., 2:] - centre.square() + square).clamp_min(eps).sqrt() * math.sqrt(12)
+    return torch.cat([centre, spread], -1).to(assignments.dtype)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -125,10 +182,18 @@ class ClusteringDecoderLayer(nn.Module):
         return update, assignments.view(b, heads, n, k)
 
     def forward(
-        self, queries: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        assignments: list | None = None,
     ) -> torch.Tensor:
-        """``queries (B, K, D)``, ``query_pos (B or 1, K, D)``, ``memory (B, N, D)``, ``memory_pos (N, D)``."""
-        update, _ = self.cluster(queries + query_pos, memory, memory_pos)
+        """``queries (B, K, D)``, ``query_pos (B or 1, K, D)``, ``memory (B, N, D)``, ``memory_pos (N, D)``.
+        The last E-step's assignment ``(B, heads, N, K)`` is appended to ``assignments`` when given."""
+        update, assignment = self.cluster(queries + query_pos, memory, memory_pos)
+        if assignments is not None:
+            assignments.append(assignment)
         queries = self.norm1(queries + self.dropout(self.cluster_out(update)))
         q = queries + query_pos
         attended, _ = self.self_attn(q, q, queries, need_weights=False)
@@ -147,6 +212,8 @@ class ClusteringDecoder(nn.Module):
             a linear map over the center axis turns the encoder's centers into the queries.
         dim, mask_dim (``None``: no mask features), num_layers, num_heads, iterations, ffn_dim, dropout: decoder sizes.
         query_init: ``"encoder"`` (queries = projected encoder centers) or ``"free"`` (learnt).
+        query_position: ``"learnt"`` position embeddings, one per query, or ``"boxes"``: an MLP of the sine
+            embedding of each query's reference box (``forward``'s ``reference`` and ``predict``).
     """
 
     num_levels = 3
@@ -165,17 +232,25 @@ class ClusteringDecoder(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.0,
         query_init: str = "encoder",
+        query_position: str = "learnt",
     ):
         super().__init__()
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init must be one of {QUERY_INITS}, got {query_init!r}")
+        if query_position not in QUERY_POSITIONS:
+            raise ValueError(f"query_position must be one of {QUERY_POSITIONS}, got {query_position!r}")
         self.query_init = query_init
+        self.query_position = query_position
         self.num_queries = num_queries
         self.dim = dim
         self.mask_dim = mask_dim
         self.pixel_decoder = PixelDecoder(in_channels, dim, mask_dim)
         self.level_embed = nn.Parameter(torch.zeros(self.num_levels, dim))
-        self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
+        if query_position == "learnt":
+            self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
+            nn.init.normal_(self.query_pos, std=0.02)
+        else:
+            self.box_position = MLP(2 * dim, dim, dim, 2)
         if query_init == "free":
             self.query_feat = nn.Parameter(torch.zeros(num_queries, dim))
         else:
@@ -186,7 +261,6 @@ class ClusteringDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.level_embed, std=0.02)
-        nn.init.normal_(self.query_pos, std=0.02)
         if query_init == "free":
             nn.init.normal_(self.query_feat, std=0.02)
 
@@ -201,24 +275,44 @@ class ClusteringDecoder(nn.Module):
         return queries
 
     def forward(
-        self, features: Sequence[torch.Tensor], centers: torch.Tensor | None = None
+        self,
+        features: Sequence[torch.Tensor],
+        centers: torch.Tensor | None = None,
+        predict: Callable[..., torch.Tensor | None] | None = None,
+        reference: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``features``: backbone maps at strides 4/8/16/32; ``centers (B, K_enc, center_dim)``.
+
+        ``predict(state, mask_features, assignments, hw)`` is called after every layer with its normalised
+        queries (the task head), the layer's last assignment ``(B, heads, N, Q)`` and its map size; with
+        ``query_position="boxes"`` it returns the boxes ``(B, Q, 4)`` that become the next layer's
+        (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's.
 
         Returns the normalised queries after every layer, each ``(B, Q, D)``, and the mask features
         ``(B, mask_dim, H/4, W/4)`` (``None`` when ``mask_dim`` is ``None``).
         """
+        boxes = self.query_position == "boxes"
+        if boxes and (reference is None or predict is None):
+            raise ValueError("query_position='boxes' needs the first reference boxes and a predict callback")
         mask_features, levels = self.pixel_decoder(features)
-        memories, positions = [], []
+        memories, positions, sizes = [], [], []
         for i, level in enumerate(levels):
             _, _, h, w = level.shape
+            sizes.append((h, w))
             memories.append(level.flatten(2).transpose(1, 2))  # (B, N_i, D)
             positions.append(sine_position(h, w, self.dim, level.device, level.dtype) + self.level_embed[i])
         queries = self.initial_queries(centers, levels[0].shape[0])
-        query_pos = self.query_pos.unsqueeze(0)
+        query_pos = None if boxes else self.query_pos.unsqueeze(0)
         states = []
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels
-            queries = layer(queries, query_pos, memories[level], positions[level])
+            if boxes:
+                query_pos = self.box_position(box_sine(reference, self.dim))
+            assignments = [] if predict is not None else None
+            queries = layer(queries, query_pos, memories[level], positions[level], assignments)
             states.append(self.norm(queries))
+            if predict is not None:
+                predicted = predict(states[-1], mask_features, assignments[0], sizes[level])
+                if boxes:
+                    reference = predicted.detach()
         return states, mask_features

@@ -23,33 +23,23 @@ import timm
 import torch
 from torch import nn
 
-from .decoder import ClusteringDecoder
+from .decoder import MLP, ClusteringDecoder, cluster_boxes
 
-
-class MLP(nn.Module):
-    """``num_layers`` linear layers with ReLU between them."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3):
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = x.relu()
-        return x
+BOX_REFERENCES = ("clusters", "refine")
 
 
 def grid_boxes(count: int) -> torch.Tensor:
-    """``(count, 4)`` normalised ``cxcywh`` boxes: the cells of a ``g x g`` grid (``g = ceil(sqrt(count))``),
-    row-major, the first ``count`` of them."""
-    g = math.ceil(math.sqrt(count))
-    centres = (torch.arange(g, dtype=torch.float32) + 0.5) / g
-    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
-    cells = torch.stack([cx.flatten(), cy.flatten(), torch.full((g * g,), 1 / g), torch.full((g * g,), 1 / g)], -1)
-    return cells[:count]
+    """``(count, 4)`` normalised ``cxcywh`` boxes: the cells of a grid of ``ceil(sqrt(count))`` columns and
+    as many rows as it takes (``20`` -> 4 x 5), row-major, the first ``count`` of them."""
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    cy, cx = torch.meshgrid(
+        (torch.arange(rows, dtype=torch.float32) + 0.5) / rows,
+        (torch.arange(cols, dtype=torch.float32) + 0.5) / cols,
+        indexing="ij",
+    )
+    size = torch.tensor([1 / cols, 1 / rows]).expand(rows * cols, 2)
+    return torch.cat([torch.stack([cx.flatten(), cy.flatten()], -1), size], -1)[:count]
 
 
 def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -67,7 +57,13 @@ class SetPredictionHead(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_classes: int, boxes: bool = True, mask_dim: int | None = None, num_queries: int = 100
+        self,
+        dim: int,
+        num_classes: int,
+        boxes: bool = True,
+        mask_dim: int | None = None,
+        num_queries: int = 100,
+        learnt_reference: bool = True,
     ):
         super().__init__()
         if not boxes and mask_dim is None:
@@ -76,7 +72,7 @@ class SetPredictionHead(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.box_embed = MLP(dim, dim, 4, 3) if boxes else None
-        self.reference = nn.Parameter(inverse_sigmoid(grid_boxes(num_queries))) if boxes else None
+        self.reference = nn.Parameter(inverse_sigmoid(grid_boxes(num_queries))) if boxes and learnt_reference else None
         self.mask_embed = MLP(dim, dim, mask_dim, 3) if mask_dim is not None else None
 
     def forward(
@@ -104,8 +100,12 @@ class ClusterFormerSets(nn.Module):
         decoder: ClusteringDecoder,
         head: SetPredictionHead,
         semantic_head: nn.Module | None = None,
+        box_reference: str = "refine",
     ):
         super().__init__()
+        if box_reference not in BOX_REFERENCES:
+            raise ValueError(f"box_reference must be one of {BOX_REFERENCES}, got {box_reference!r}")
+        self.box_reference = box_reference
         self.backbone = backbone
         self.decoder = decoder
         self.head = head
@@ -114,12 +114,18 @@ class ClusterFormerSets(nn.Module):
     def forward(self, images: torch.Tensor) -> dict:
         """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring."""
         features, centers = self.backbone.forward_dense(images)
-        states, mask_features = self.decoder(features, centers)
-        outputs, reference = [], None
-        for state in states:
+        outputs = []
+
+        def predict(state, mask_features, assignments, hw) -> torch.Tensor | None:
+            if self.box_reference == "clusters" and self.head.box_embed is not None:
+                reference = cluster_boxes(assignments, hw)  # the box of the query's cluster, gradient included
+            else:  # every layer but the first refines the previous layer's (detached) boxes
+                reference = outputs[-1]["boxes"].detach() if outputs and "boxes" in outputs[-1] else None
             outputs.append(self.head(state, mask_features, reference))
-            if "boxes" in outputs[-1]:  # the next layer refines this layer's boxes
-                reference = outputs[-1]["boxes"].detach()
+            return outputs[-1].get("boxes")
+
+        first = self.head.reference.sigmoid().unsqueeze(0) if self.decoder.query_position == "boxes" else None
+        _, mask_features = self.decoder(features, centers, predict, first)
         final = {**outputs[-1], "aux": outputs[:-1]}
         if self.semantic_head is not None and self.training:  # panoptic auxiliary heads (kMaX-DeepLab)
             final["semantic_logits"] = self.semantic_head(mask_features)
@@ -141,10 +147,17 @@ def build_set_model(
     ffn_dim: int = 2048,
     dropout: float = 0.0,
     query_init: str = "encoder",
+    query_position: str | None = None,
+    box_reference: str = "refine",
     backbone_kwargs: dict | None = None,
     semantic_head: bool = False,
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
+
+    ``query_position``: the decoder queries' position embeddings, ``"learnt"`` (default) or ``"boxes"``
+    (from each query's previous box). ``box_reference``: what a layer's box refines, ``"refine"`` (the
+    previous layer's box, the first layer a learnt box per query: Deformable DETR's iterative refinement,
+    default) or ``"clusters"`` (the box of the query's cluster in that layer, ``decoder.cluster_boxes``).
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
     (e.g. ``drop_path_rate``, or
@@ -167,11 +180,18 @@ def build_set_model(
         ffn_dim=ffn_dim,
         dropout=dropout,
         query_init=query_init,
+        query_position=query_position or "learnt",
     )
+    if decoder.query_position == "boxes" and not boxes:
+        raise ValueError("query_position='boxes' needs the box head (boxes=True)")
+    if box_reference not in BOX_REFERENCES:
+        raise ValueError(f"box_reference must be one of {BOX_REFERENCES}, got {box_reference!r}")
+    learnt = box_reference == "refine" or decoder.query_position == "boxes"
     head = SetPredictionHead(
-        dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None, num_queries=num_queries
-    )
+        dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None, num_queries=num_queries,
+        learnt_reference=learnt,
+    )  # fmt: skip
     if semantic_head and not masks:
         raise ValueError("semantic_head needs the mask features (masks=True)")
     semantic = nn.Conv2d(mask_dim, num_classes, 1) if semantic_head else None
-    return ClusterFormerSets(encoder, decoder, head, semantic)
+    return ClusterFormerSets(encoder, decoder, head, semantic, box_reference if boxes else "refine")
