@@ -147,7 +147,7 @@ def build_set_model(
     ffn_dim: int = 2048,
     dropout: float = 0.0,
     query_init: str = "encoder",
-    query_position: str | None = None,
+    query_position: str = "learnt",
     box_reference: str = "refine",
     backbone_kwargs: dict | None = None,
     semantic_head: bool = False,
@@ -180,12 +180,10 @@ def build_set_model(
         ffn_dim=ffn_dim,
         dropout=dropout,
         query_init=query_init,
-        query_position=query_position or "learnt",
+        query_position=query_position,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")
-    if box_reference not in BOX_REFERENCES:
-        raise ValueError(f"box_reference must be one of {BOX_REFERENCES}, got {box_reference!r}")
     learnt = box_reference == "refine" or decoder.query_position == "boxes"
     head = SetPredictionHead(
         dim, num_classes, boxes=boxes, mask_dim=mask_dim if masks else None, num_queries=num_queries,
@@ -194,4 +192,4 @@ def build_set_model(
     if semantic_head and not masks:
         raise ValueError("semantic_head needs the mask features (masks=True)")
     semantic = nn.Conv2d(mask_dim, num_classes, 1) if semantic_head else None
-    return ClusterFormerSets(encoder, decoder, head, semantic, box_reference if boxes else "refine")
+    return ClusterFormerSets(encoder, decoder, head, semantic, box_reference)
