@@ -29,10 +29,18 @@ def slow_block(block: ClusterBlock, x: torch.Tensor) -> torch.Tensor:
             keys = all_keys[i, :, j * d : (j + 1) * d]  # (N, d)
             values = all_values[i, :, j * d : (j + 1) * d]
             centers = centers0[i, :, j * d : (j + 1) * d]  # (K, d)
+            if cl.m_step == "mean":  # EM: normalised E-step, M-step = weighted mean of the values
+                keys = F.layer_norm(keys, (d,), cl.k_norm.weight, cl.k_norm.bias)
             for _ in range(cl.iterations):
-                queries = centers @ cl.q.weight.T + cl.q.bias
-                assign = torch.softmax(keys @ queries.T / math.sqrt(d), dim=1)  # (N, K), over clusters
-                centers = centers + assign.T @ values  # C <- C + M V
+                if cl.m_step == "mean":
+                    queries = centers @ cl.q.weight.T + cl.q.bias
+                    queries = F.layer_norm(queries, (d,), cl.q_norm.weight, cl.q_norm.bias)
+                    assign = torch.softmax(keys @ queries.T / math.sqrt(d), dim=1)  # (N, K), over clusters
+                    centers = (assign.T @ values + 1e-6 * centers) / (assign.sum(0)[:, None] + 1e-6)
+                else:
+                    queries = centers @ cl.q.weight.T + cl.q.bias
+                    assign = torch.softmax(keys @ queries.T / math.sqrt(d), dim=1)  # (N, K), over clusters
+                    centers = centers + assign.T @ values  # C <- C + M V
             for n in range(h * w):  # Eq. 6
                 cos = F.cosine_similarity(centers, values[n][None], dim=-1)  # (K,)
                 s = torch.sigmoid(disp.sim_beta + disp.sim_alpha * cos)
@@ -42,9 +50,10 @@ def slow_block(block: ClusterBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.usefixtures("float64")
-def test_block_matches_the_equations():
+@pytest.mark.parametrize("m_step", ["mean", "sum"])
+def test_block_matches_the_equations(m_step):
     torch.manual_seed(0)
-    block = ClusterBlock(dim=16, num_heads=2, head_dim=8, center_grid=(2, 3), iterations=3)
+    block = ClusterBlock(dim=16, num_heads=2, head_dim=8, center_grid=(2, 3), iterations=3, m_step=m_step)
     x = torch.randn(2, 5, 4, 16)
     torch.testing.assert_close(block(x), slow_block(block, x), rtol=1e-9, atol=1e-9)
 

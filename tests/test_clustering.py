@@ -21,21 +21,71 @@ def random_inputs(seed=0):
     return centers, keys, values
 
 
-def run_module(update, iterations=3, seed=0):
+def run_module(update, iterations=3, seed=0, m_step="mean"):
     torch.manual_seed(seed)
-    module = RecurrentClustering(dim=4, num_heads=1, head_dim=D, iterations=iterations, update=update, grid=GRID)
+    module = RecurrentClustering(
+        dim=4, num_heads=1, head_dim=D, iterations=iterations, update=update, grid=GRID, m_step=m_step
+    )
     if update == "cosine":
         with torch.no_grad():
             module.sim_alpha.fill_(1.7)
             module.sim_beta.fill_(-0.3)
+    if module.em:  # gains and shifts away from their initial 1 and 0, so that the test sees them
+        with torch.no_grad():
+            for norm in (module.q_norm, module.k_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0.0, 0.3)
     centers, keys, values = random_inputs(seed)
     # the module stores centers and values transposed: (S, d, K) and (S, d, N)
     out, assign = module(centers.transpose(1, 2), keys, values.transpose(1, 2), HW)
     return module, (centers, keys, values), out.transpose(1, 2), assign
 
 
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    """One vector's layer norm, from the formula (biased variance)."""
+    mean = x.sum() / len(x)
+    var = ((x - mean) ** 2).sum() / len(x)
+    y = (x - mean) / torch.sqrt(var + eps)
+    return y if weight is None else y * weight + bias
+
+
+def slow_em_clustering(module, centers, keys, values, update, iterations, eps=1e-6):
+    """m_step="mean": E-step on layer-normalised queries and keys, M-step = the responsibility-weighted mean of
+    the values (a cluster keeps eps of its center, so that one without tokens keeps it), one cluster and one
+    token at a time."""
+    wq, bq = module.q.weight, module.q.bias
+    qn, kn = module.q_norm, module.k_norm
+    out = []
+    for s in range(S):
+        c = centers[s].clone()
+        m = None
+        k_hat = [layer_norm(keys[s, n], kn.weight, kn.bias) for n in range(N)]
+        for _ in range(iterations):
+            q = [layer_norm(c[k] @ wq.T + bq, qn.weight, qn.bias) for k in range(K)]
+            logits = torch.empty(N, K)
+            for n in range(N):
+                for k in range(K):
+                    logits[n, k] = torch.dot(q[k], k_hat[n]) / math.sqrt(D)
+            m = torch.zeros(N, K)
+            for n in range(N):
+                if update == "recurrent":
+                    m[n] = torch.softmax(logits[n], 0)
+                else:
+                    m[n, int(logits[n].argmax())] = 1.0
+            new_c = c.clone()
+            for k in range(K):
+                total = sum(m[n, k] * values[s, n] for n in range(N))
+                new_c[k] = (total + eps * c[k]) / (m[:, k].sum() + eps)
+            c = new_c
+        out.append((c, m))
+    return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+
 def slow_clustering(module, centers, keys, values, update, iterations):
-    """Eq. 3 (and the variants) one cluster and one token at a time."""
+    """Eq. 3 (and the variants) one cluster and one token at a time; Algorithm 1's M-step ``C <- C + M V``
+    for the updates over the clusters (``m_step="sum"``), the variants' own otherwise."""
+    if module.em:
+        return slow_em_clustering(module, centers, keys, values, update, iterations)
     wq, bq, scale = module.q.weight, module.q.bias, 1 / math.sqrt(D)
     mask = criss_cross_mask(GRID, HW) if update == "criss_cross" else None
     out = []
@@ -79,15 +129,56 @@ def slow_clustering(module, centers, keys, values, update, iterations):
 
 @pytest.mark.parametrize("update", ["recurrent", "kmeans", "vanilla", "cosine", "criss_cross"])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_center_update_matches_slow_loop(update, iterations):
-    module, (centers, keys, values), out, assign = run_module(update, iterations)
+@pytest.mark.parametrize("m_step", ["mean", "sum"])
+def test_center_update_matches_slow_loop(update, iterations, m_step):
+    module, (centers, keys, values), out, assign = run_module(update, iterations, m_step=m_step)
+    assert module.em == (m_step == "mean" and update in ("recurrent", "kmeans"))
     ref_centers, ref_assign = slow_clustering(module, centers, keys, values, update, iterations)
     torch.testing.assert_close(out, ref_centers, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(assign, ref_assign, rtol=1e-10, atol=1e-10)
 
 
-def test_recurrent_assignment_sums_to_one_over_clusters():
-    _, _, _, assign = run_module("recurrent")
+def test_mean_m_step_centers_are_weighted_means_of_the_values():
+    """EM: after the last iteration each center is a convex combination of the values, the one its
+    assignment column weights; the literal sum grows with the number of tokens instead."""
+    _, (_, _, values), out, assign = run_module("recurrent", 3)
+    weights = assign / assign.sum(1, keepdim=True)  # (S, N, K), each column sums to one over the tokens
+    torch.testing.assert_close(out, torch.bmm(weights.transpose(1, 2), values), rtol=1e-6, atol=1e-6)
+    _, (centers, _, values), summed, assign = run_module("recurrent", 1, m_step="sum")
+    torch.testing.assert_close(summed, centers + torch.bmm(assign.transpose(1, 2), values))
+
+
+def test_kmeans_cluster_without_tokens_keeps_its_center():
+    module = RecurrentClustering(dim=4, num_heads=1, head_dim=D, iterations=1, update="kmeans")
+    centers, keys, values = random_inputs(1)
+    centers = centers.transpose(1, 2).contiguous()
+    out, assign = module(centers, keys, values.transpose(1, 2), HW)
+    empty = assign.sum(1) == 0  # (S, K)
+    assert empty.any()
+    torch.testing.assert_close(out.transpose(1, 2)[empty], centers.transpose(1, 2)[empty])
+
+
+def test_the_e_step_does_not_hang_on_the_scale_of_the_centers_or_keys():
+    """Normalised queries and keys: scaling the centers or the keys leaves the assignment as it is, so tiny
+    initial centers (weights of std 0.02) give as sharp an assignment as large ones."""
+    module, (centers, keys, values), _, _ = run_module("recurrent", 1)
+    with torch.no_grad():
+        module.q.bias.zero_()  # (a query bias does not scale with the centers)
+    c = centers.transpose(1, 2)
+    _, assign = module(c, keys, values.transpose(1, 2), HW)
+    for factor in (0.1, 10.0):  # up to the layer norms' eps (1e-5 beside a variance of about 0.01 at 0.1)
+        _, scaled = module(c * factor, keys * factor, values.transpose(1, 2), HW)
+        torch.testing.assert_close(scaled, assign, rtol=0, atol=1e-2)
+    assert assign.max(-1).values.mean() > 2 / K  # and it is not uniform
+    # the literal form is not: tiny centers make its assignment uniform
+    literal, *_ = run_module("recurrent", 1, m_step="sum")
+    _, tiny = literal(c * 1e-6, keys, values.transpose(1, 2), HW)
+    torch.testing.assert_close(tiny, torch.full_like(tiny, 1 / K), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m_step", ["mean", "sum"])
+def test_recurrent_assignment_sums_to_one_over_clusters(m_step):
+    _, _, _, assign = run_module("recurrent", m_step=m_step)
     torch.testing.assert_close(assign.sum(-1), torch.ones(S, N))
     # ... and not over the tokens (that would be the vanilla variant)
     assert not torch.allclose(assign.sum(1), torch.ones(S, K))
@@ -178,3 +269,5 @@ def test_unknown_variant_is_rejected():
         RecurrentClustering(8, 1, 8, update="spectral")
     with pytest.raises(ValueError, match="iterations"):
         RecurrentClustering(8, 1, 8, iterations=0)
+    with pytest.raises(ValueError, match="m_step"):
+        RecurrentClustering(8, 1, 8, m_step="median")

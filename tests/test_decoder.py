@@ -39,14 +39,47 @@ def test_sine_position_matches_formula(float64):
 
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_decoder_clustering_is_eq4_with_the_mean_mass_scale(float64, iterations):
-    """C <- C + softmax_K(Q_C K_I^T / sqrt(d)) (K/N) V_I, T times, with the same projections, per head."""
+    """m_step="sum": C <- C + softmax_K(Q_C K_I^T / sqrt(d)) (K/N) V_I, T times, with the same projections,
+    per head."""
     torch.manual_seed(0)
     b, k, n, dim, heads = 2, 5, 7, 8, 2
-    layer = ClusteringDecoderLayer(dim, num_heads=heads, iterations=iterations, ffn_dim=16)
+    layer = ClusteringDecoderLayer(dim, num_heads=heads, iterations=iterations, ffn_dim=16, m_step="sum")
     queries, memory, pos = torch.randn(b, k, dim), torch.randn(b, n, dim), torch.randn(n, dim)
     with torch.no_grad():
         update, assignments = layer.cluster(queries, memory, pos)
         check_slow(layer.clustering, queries, memory, pos, update, assignments, iterations)
+
+
+@pytest.mark.parametrize("iterations", [1, 3])
+def test_decoder_clustering_is_em_by_default(float64, iterations):
+    """m_step="mean": the layer's update is each query's final center, the responsibility-weighted mean of the
+    pixel values, after T E-steps on layer-normalised queries and keys (the encoder's EM reading)."""
+    torch.manual_seed(0)
+    b, k, n, dim, heads = 2, 5, 7, 8, 2
+    layer = ClusteringDecoderLayer(dim, num_heads=heads, iterations=iterations, ffn_dim=16)
+    c = layer.clustering
+    with torch.no_grad():
+        for norm in (c.q_norm, c.k_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_(0.0, 0.3)
+    queries, memory, pos = torch.randn(b, k, dim), torch.randn(b, n, dim), torch.randn(n, dim)
+    with torch.no_grad():
+        update, assignments = layer.cluster(queries, memory, pos)
+    d = dim // heads
+    F = torch.nn.functional
+    for i in range(b):
+        keys_all = (memory[i] + pos) @ c.k.weight.T + c.k.bias
+        values_all = memory[i] @ c.v.weight.T + c.v.bias
+        for h in range(heads):
+            keys = F.layer_norm(keys_all[:, h * d : (h + 1) * d], (d,), c.k_norm.weight, c.k_norm.bias)
+            values = values_all[:, h * d : (h + 1) * d]
+            centers = queries[i, :, h * d : (h + 1) * d]
+            for _ in range(iterations):
+                q = F.layer_norm(centers @ c.q.weight.T + c.q.bias, (d,), c.q_norm.weight, c.q_norm.bias)
+                assign = (keys @ q.T / math.sqrt(d)).softmax(dim=1)  # (n, k), over the queries
+                centers = (assign.T @ values + 1e-6 * centers) / (assign.sum(0)[:, None] + 1e-6)
+            torch.testing.assert_close(update[i, :, h * d : (h + 1) * d], centers)
+            torch.testing.assert_close(assignments[i, h], assign)
 
 
 def check_slow(c, queries, memory, pos, update, assignments, iterations):

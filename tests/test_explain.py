@@ -31,10 +31,18 @@ def explain(*args) -> int:
     return main(["explain", *map(str, args)])
 
 
-def test_every_stage_is_drawn_over_the_photograph_at_its_size(photos, tmp_path):
+def test_every_stage_is_drawn_over_the_photograph_at_its_size(photos, tmp_path, capsys):
     torch.manual_seed(0)
     assert explain("--model", "clusterformer_nano", photos / "astronaut.png", "--out", tmp_path, "--size", 224) == 0
+    printed = capsys.readouterr().out
     report = json.loads((tmp_path / "clusters.json").read_text())
+    for record in report["maps"]:  # whether it clusters: printed and written, averaged over the heads
+        stats = record["statistics"]
+        assert stats["clusters_used_per_head"] == record["used_per_head"]
+        assert stats["clusters_used"] == pytest.approx(np.mean(record["used_per_head"]))
+        assert 1 / 100 <= stats["mean_max_assignment"] <= 1 and -1 <= stats["center_cosine"] <= 1
+        row = next(line for line in printed.splitlines() if line.startswith(record["name"]))
+        assert f"{stats['mean_max_assignment']:.3f}" in row and f"{stats['center_cosine']:.3f}" in row
     assert [m["file"] for m in report["maps"]] == ["stage1.png", "stage2.png", "stage3.png", "stage4.png"]
     for record in report["maps"]:
         assert record["grid"] == [math.ceil(224 / record["stride"])] * 2 and record["clusters"] == 100

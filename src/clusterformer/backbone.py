@@ -105,7 +105,7 @@ class ClusterBlock(nn.Module):
         mlp_ratio: hidden width of the channel MLP.
         center_grid: centers along height and width (10 x 10 = 100 in the paper).
         iterations: E/M iterations T (3 in the paper).
-        center_update: see :class:`~clusterformer.layers.RecurrentClustering`.
+        center_update, m_step: see :class:`~clusterformer.layers.RecurrentClustering`.
         dispatch: see :class:`~clusterformer.layers.FeatureDispatch`.
         hard_dispatch: top-1 mask in the dispatching similarity (Algorithm 2).
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to ``dim``.
@@ -128,6 +128,7 @@ class ClusterBlock(nn.Module):
         dispatch: str = "ours",
         hard_dispatch: bool = False,
         center_hidden_ratio: float = 0.4,
+        m_step: str = "mean",
         drop_path: float = 0.0,
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
@@ -141,7 +142,7 @@ class ClusterBlock(nn.Module):
         self.num_centers = center_grid[0] * center_grid[1]
         self.norm1 = norm_layer(dim)
         self.center_init = CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
-        self.clustering = RecurrentClustering(dim, num_heads, head_dim, iterations, center_update, center_grid)
+        self.clustering = RecurrentClustering(dim, num_heads, head_dim, iterations, center_update, center_grid, m_step)
         self.dispatch = FeatureDispatch(center_dim, dim, dispatch, hard_dispatch)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -231,6 +232,8 @@ class ClusterFormer(nn.Module):
         center_grid: ``(rows, cols)`` of centers per block (10 x 10 = 100 centers).
         iterations: E/M iterations T.
         center_update, dispatch, hard_dispatch: the variants of Table 6c / 6e.
+        m_step: ``"mean"`` (EM: normalised E-step, weighted-mean M-step) or ``"sum"`` (Algorithm 1 to the
+            letter); see :class:`~clusterformer.layers.RecurrentClustering` and ``docs/architecture.md``.
         baseline: the paper's BASELINE (no center update, no dispatching); overrides both.
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
@@ -254,6 +257,7 @@ class ClusterFormer(nn.Module):
         hard_dispatch: bool = False,
         baseline: bool = False,
         center_hidden_ratio: float = 0.4,
+        m_step: str = "mean",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale: float | None = None,
@@ -300,6 +304,7 @@ class ClusterFormer(nn.Module):
                     dispatch=dispatch,
                     hard_dispatch=hard_dispatch,
                     center_hidden_ratio=center_hidden_ratio,
+                    m_step=m_step,
                     layer_scale=layer_scale,
                     norm_layer=norm_layer,
                 )
@@ -311,6 +316,9 @@ class ClusterFormer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        for module in self.modules():
+            if isinstance(module, RecurrentClustering):
+                module.init_as_kmeans()
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

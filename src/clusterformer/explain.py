@@ -9,7 +9,8 @@ last decoder layer's clustering of the pixel features into the queries (``Cluste
 a softmax over the queries), read with a forward hook, so the decoder itself is unchanged.
 
 Writes ``stage<i>.png`` (the image's size), ``decoder.png`` (dense models), ``summary.png`` (all of them with
-the image) and ``clusters.json`` (cluster sizes); see ``docs/predict_explain.md``.
+the image) and ``clusters.json`` (cluster sizes and, per map, whether the model clusters: clusters used, mean
+largest assignment and mean center cosine, averaged over the heads); see ``docs/predict_explain.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from PIL import Image
 
 from . import pictures
 from .data.images import load_rgb
+from .layers.clustering import cluster_statistics
 from .outputs import atomic_path, save_png, write_json
 
 
@@ -143,7 +145,8 @@ def compute_assignments(model: ExplainModel, image: Image.Image, size: int | Non
         if stage["assignments"] is None:
             raise ExplainError(f"{model.description}: stage {i + 1} does not update its centers (no assignments)")
         maps.append({"name": f"stage {i + 1}", "file": f"stage{i + 1}", "stride": stride,
-                     "assignments": _crop(stage["assignments"][0], stride, input_size)})  # fmt: skip
+                     "assignments": _crop(stage["assignments"][0], stride, input_size),
+                     "centers": stage["centers"][0].float().cpu()})  # fmt: skip
     if model.dense is not None:
         maps.append(_decoder_assignments(model.dense.to(device).eval(), batch, maps, input_size))
     return {"input_size": input_size, "maps": maps}
@@ -163,7 +166,9 @@ def _decoder_assignments(dense, batch: torch.Tensor, stages: list[dict], input_s
     decoder = dense.decoder
     captured = {}
     hooks = [
-        decoder.layers[-1].clustering.register_forward_hook(lambda m, i, out: captured.update(assign=out[1])),
+        decoder.layers[-1].clustering.register_forward_hook(
+            lambda m, i, out: captured.update(centers=out[0], assign=out[1])
+        ),
         decoder.pixel_decoder.register_forward_hook(lambda m, i, out: captured.update(levels=out[1])),
     ]
     try:
@@ -178,9 +183,12 @@ def _decoder_assignments(dense, batch: torch.Tensor, stages: list[dict], input_s
     padded = batch.shape[-2:]
     stride = next(s["stride"] for s in stages if (-(-padded[0] // s["stride"]), -(-padded[1] // s["stride"])) == (h, w))
     assignments = assignment_maps(captured["assign"], batch.shape[0], (h, w))[0]  # (heads, Q, h, w)
+    heads = assignments.shape[0]
+    centers = captured["centers"].reshape(batch.shape[0], heads, *captured["centers"].shape[1:])[0]  # (heads, d, Q)
     scores, labels = outputs["logits"][0].float().sigmoid().max(-1)
     return {"name": f"decoder layer {layer + 1}", "file": "decoder", "stride": stride,
-            "assignments": _crop(assignments, stride, input_size), "query_scores": scores.cpu().numpy(),
+            "assignments": _crop(assignments, stride, input_size), "centers": centers.transpose(1, 2).float().cpu(),
+            "query_scores": scores.cpu().numpy(),
             "query_labels": labels.cpu().numpy()}  # fmt: skip
 
 
@@ -225,6 +233,7 @@ def explain_image(
             "used": int((sizes > 0).sum()), "used_per_head": [int(len(np.unique(h))) for h in hard],
             "mean_max_assignment": float(soft[head].max(0).mean()),
             "sizes": sizes.tolist(), "soft_sizes": np.round(soft[head].sum((1, 2)), 4).tolist(),
+            "statistics": cluster_statistics(torch.from_numpy(soft), entry["centers"]),
         }  # fmt: skip
         if "query_labels" in entry:
             record["queries"] = [
@@ -276,7 +285,8 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
         "block's soft assignment; one colour per cluster, white lines between clusters) over IMAGE, and for "
         "detection / segmentation checkpoints the last decoder layer's assignment of pixels to queries. Writes "
         "OUT/stage<i>.png (the image's size), OUT/decoder.png, OUT/summary.png and OUT/clusters.json (cluster "
-        "sizes). The model: a task checkpoint (--ckpt) or a timm ClusterFormer (--model, random or --weights).",
+        "sizes), and prints per map the clusters used, the mean largest assignment and the mean center cosine. "
+        "The model: a task checkpoint (--ckpt) or a timm ClusterFormer (--model, random or --weights).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", help="Lightning checkpoint of any ClusterFormer task")
@@ -305,8 +315,12 @@ def _explain(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer explain: error: {error}", file=sys.stderr)
         return 2
+    print(f"{'map':<16} {'tokens':>7} {'clusters used':>13} {'max assignment':>14} {'center cosine':>13}  picture")
     for record in report["maps"]:
-        print(f"{record['name']}: {record['grid'][0]}x{record['grid'][1]} tokens, {record['used']} of "
-              f"{record['clusters']} clusters used -> {Path(args.out) / record['file']}")  # fmt: skip
+        stats = record["statistics"]
+        print(f"{record['name']:<16} {record['grid'][0]:>3}x{record['grid'][1]:<3} "
+              f"{stats['clusters_used']:>6.1f} / {record['clusters']:<4} {stats['mean_max_assignment']:>14.3f} "
+              f"{stats['center_cosine']:>13.3f}  {Path(args.out) / record['file']}")  # fmt: skip
+    print("(averages over the heads; uniform assignment = 1/K; cosine 1 = identical centers)")
     print(f"wrote {Path(args.out) / 'summary.png'} and {Path(args.out) / 'clusters.json'}")
     return 0

@@ -169,9 +169,26 @@ def task_from_checkpoint(path: str | Path, task: str | None = None):
     found = checkpoint_task(checkpoint, path)
     if task is not None and found != task:
         raise CheckpointError(f"{path}: a {found} checkpoint, not {task}")
-    module = build_task(found, checkpoint["hyper_parameters"], path)
-    _load_state(module, checkpoint["state_dict"], path, f"{found} model")
+    state = checkpoint["state_dict"]
+    module = build_task(found, literal_m_step_settings(found, checkpoint["hyper_parameters"], state), path)
+    _load_state(module, state, path, f"{found} model")
     return found, module.eval()
+
+
+def literal_m_step_settings(task: str, hparams: dict, state: dict) -> dict:
+    """The hyperparameters of a checkpoint written before the EM reading of the clustering became the default:
+    its clustering layers have query projections but no QK-norm weights, so it was trained with Algorithm 1's
+    literal M-step and is rebuilt with ``m_step="sum"`` (encoder and decoder), unless its settings name one."""
+    projections = [k for k in state if k.endswith("clustering.q.weight")]
+    if not projections or any(k.endswith("clustering.q_norm.weight") for k in state):
+        return hparams
+    hparams = dict(hparams)
+    if task == "classification":
+        hparams["model_kwargs"] = {"m_step": "sum", **(hparams.get("model_kwargs") or {})}
+    else:
+        hparams["backbone_kwargs"] = {"m_step": "sum", **(hparams.get("backbone_kwargs") or {})}
+        hparams["decoder"] = {"m_step": "sum", **(hparams.get("decoder") or {})}
+    return hparams
 
 
 # --- safetensors + JSON -----------------------------------------------------------------------------------------

@@ -4,9 +4,10 @@
   levels of pixel features (strides 32, 16, 8) and the stride-4 features that the mask embeddings are
   multiplied with.
 * ``ClusteringDecoderLayer``: recurrent cross-attention clustering of the pixel features into the
-  queries (Eq. 4: ``M = softmax_K(Q_C K_I^T)``, ``C <- C + M V_I``, ``T`` iterations with the same
-  projections), then self-attention among the queries and an FFN, each with a residual and a
-  LayerNorm (post-norm, as DETR and Mask2Former).
+  queries (Eq. 4: ``M = softmax_K(Q_C K_I^T)``, ``T`` iterations with the same projections; by default
+  the EM reading of the encoder, ``m_step="mean"``: each query's cluster center is the weighted mean of
+  the pixel values it is responsible for), then self-attention among the queries and an FFN, each with
+  a residual and a LayerNorm (post-norm, as DETR and Mask2Former).
 * ``ClusteringDecoder``: initial queries from the encoder's cluster centers (default) or free learnable
   queries, then ``num_layers`` layers that visit the three levels in turn (32, 16, 8, 32, ...); it
   returns the queries after every layer for deep supervision. The queries' position embeddings are
@@ -146,16 +147,28 @@ class ClusteringDecoderLayer(nn.Module):
 
     The clustering is the encoder's ``RecurrentClustering`` (softmax over the clusters, the query
     projection shared by the heads and reused at every iteration). Keys see the pixel features plus
-    their position embedding, values the features alone. The M-step sums are divided by the mean
-    cluster mass ``N / K``, a constant of the feature map's size: the layers alternate between
+    their position embedding, values the features alone. With ``m_step="mean"`` (default) the layer's
+    update is the queries' final cluster centers, each the responsibility-weighted mean of the values.
+    With ``m_step="sum"`` (Algorithm 1 to the letter) it is the summed change of the centers, divided by
+    the mean cluster mass ``N / K``, a constant of the feature map's size: the layers alternate between
     levels whose ``N`` differs 16-fold, and the sum of an unscaled M-step grows with ``N``.
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, iterations: int = 3, ffn_dim: int = 2048, dropout: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        iterations: int = 3,
+        ffn_dim: int = 2048,
+        dropout: float = 0.0,
+        m_step: str = "mean",
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
-        self.clustering = RecurrentClustering(dim, num_heads, head_dim=dim // num_heads, iterations=iterations)
+        self.clustering = RecurrentClustering(
+            dim, num_heads, head_dim=dim // num_heads, iterations=iterations, m_step=m_step
+        )
         self.cluster_out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
@@ -170,15 +183,19 @@ class ClusteringDecoderLayer(nn.Module):
         self, queries: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``queries (B, K, D)`` (position included), ``memory (B, N, D)``, ``memory_pos (N, D)`` ->
-        the summed center update ``(B, K, D)`` and the last assignment ``(B, heads, N, K)``."""
+        the update ``(B, K, D)`` (the final centers, or for ``m_step="sum"`` their scaled change) and the last
+        assignment ``(B, heads, N, K)``."""
         b, k, dim = queries.shape
         n = memory.shape[1]
         heads, d = self.clustering.num_heads, self.clustering.head_dim
         keys, values = self.clustering.project(memory, memory + memory_pos)
-        values = values * (k / n)
         centers0 = queries.view(b, k, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, k)
-        centers, assignments = self.clustering(centers0, keys, values, (n, 1))
-        update = (centers - centers0).view(b, heads, d, k).permute(0, 3, 1, 2).reshape(b, k, dim)
+        if self.clustering.em:
+            update, assignments = self.clustering(centers0, keys, values, (n, 1))
+        else:
+            centers, assignments = self.clustering(centers0, keys, values * (k / n), (n, 1))
+            update = centers - centers0
+        update = update.view(b, heads, d, k).permute(0, 3, 1, 2).reshape(b, k, dim)
         return update, assignments.view(b, heads, n, k)
 
     def forward(
@@ -214,6 +231,7 @@ class ClusteringDecoder(nn.Module):
         query_init: ``"encoder"`` (queries = projected encoder centers) or ``"free"`` (learnt).
         query_position: ``"learnt"`` position embeddings, one per query, or ``"boxes"``: an MLP of the sine
             embedding of each query's reference box (``forward``'s ``reference`` and ``predict``).
+        m_step: ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1), as the encoder's.
     """
 
     num_levels = 3
@@ -233,6 +251,7 @@ class ClusteringDecoder(nn.Module):
         dropout: float = 0.0,
         query_init: str = "encoder",
         query_position: str = "learnt",
+        m_step: str = "mean",
     ):
         super().__init__()
         if query_init not in QUERY_INITS:
@@ -257,7 +276,7 @@ class ClusteringDecoder(nn.Module):
             self.center_proj = nn.Sequential(nn.Linear(center_dim, dim), nn.LayerNorm(dim))
             self.center_to_query = nn.Linear(num_centers, num_queries) if num_queries != num_centers else None
         self.layers = nn.ModuleList(
-            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout) for _ in range(num_layers)
+            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout, m_step) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.level_embed, std=0.02)

@@ -151,6 +151,7 @@ def build_set_model(
     box_reference: str = "refine",
     backbone_kwargs: dict | None = None,
     semantic_head: bool = False,
+    m_step: str = "mean",
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
 
@@ -158,6 +159,9 @@ def build_set_model(
     (from each query's previous box). ``box_reference``: what a layer's box refines, ``"refine"`` (the
     previous layer's box, the first layer a learnt box per query: Deformable DETR's iterative refinement,
     default) or ``"clusters"`` (the box of the query's cluster in that layer, ``decoder.cluster_boxes``).
+
+    ``m_step``: the decoder's clustering, ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1 to the
+    letter); the encoder's is ``backbone_kwargs["m_step"]`` (``docs/architecture.md``).
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
     (e.g. ``drop_path_rate``, or
@@ -181,6 +185,7 @@ def build_set_model(
         dropout=dropout,
         query_init=query_init,
         query_position=query_position,
+        m_step=m_step,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")

@@ -1,11 +1,12 @@
 """Building blocks of ClusterFormer. Depends on torch only."""
 
-from .clustering import CENTER_UPDATES, CenterInit, RecurrentClustering, assignment_maps, is_tracing
+from .clustering import CENTER_UPDATES, M_STEPS, CenterInit, RecurrentClustering, assignment_maps, is_tracing
 from .dispatching import DISPATCHES, FeatureDispatch
 
 __all__ = [
     "CENTER_UPDATES",
     "DISPATCHES",
+    "M_STEPS",
     "CenterInit",
     "FeatureDispatch",
     "RecurrentClustering",

@@ -9,9 +9,24 @@ images with ``h`` heads has ``S = B * h`` slices, and every slice is clustered i
   contiguous last axis.
 
 In these layouts (queries are stored like the centers, ``(S, d, K)``) the E-step is
-``bmm(keys, queries)`` and the M-step is ``baddbmm(centers, values, assignments)``, neither with a
-transposed operand, so that neither the forward nor the backward pass copies an ``(N, K)`` or
-``(N, d)`` tensor between iterations.
+``bmm(keys, queries)`` and the summed M-step is ``baddbmm(centers, values, assignments)``, neither with a
+transposed operand, so that neither the forward nor the backward pass copies an ``(N, K)`` or ``(N, d)``
+tensor between iterations. The EM M-step keeps its centers as ``(S, K, d)`` inside the iterations (its norms
+run along the channel axis) and reads the transposed views of the assignments and values.
+
+Two readings of the M-step (``m_step``), see ``docs/architecture.md``:
+
+* ``"mean"`` (default): EM for a mixture, as the paper's Eq. 3 and its appeal to EM clustering read. Each
+  center becomes the responsibility-weighted mean of the values, ``C_k = sum_p M_pk v_p / sum_p M_pk``.
+  The queries and keys are layer-normalised per head before the E-step (QK-norm, as ViT-22B, with learnt
+  gains shared by the heads), ``logits = <LN(q), LN(k)> / sqrt(d)``, so that the E-step's sharpness does not
+  hang on the scale of the centers or of the projections. At initialisation the query projection is the
+  identity and the key projection a copy of the value projection: the clustering starts as soft k-means in
+  the space of the values.
+* ``"sum"``: Algorithm 1 to the letter, ``C <- C + M V`` with ``logits = <q, k> / sqrt(d)``. Every token's
+  assignment sums to one over the clusters, so the sum adds about ``N / K`` times the mean value to every
+  center: the centers become nearly identical, the next E-step nearly uniform, and the model stops
+  clustering (measured in ``docs/architecture.md``).
 """
 
 from __future__ import annotations
@@ -21,6 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
+M_STEPS = ("mean", "sum")
+# the center updates whose assignment sums to one over the clusters: the two M-steps differ for them only
+OVER_CLUSTERS = ("recurrent", "kmeans")
 
 
 def is_tracing() -> bool:
@@ -106,14 +124,20 @@ class RecurrentClustering(nn.Module):
     on ``iterations``. The query projection acts within a head and is shared by the heads.
 
     ``update``:
-        * ``recurrent`` (paper): ``M = softmax_K(Q_C K_I^T / sqrt(d))``, ``C <- C + M V_I``.
-        * ``kmeans`` (kMaX-DeepLab): ``M = onehot(argmax_K(Q_C K_I^T))``, ``C <- C + M V_I``.
+        * ``recurrent`` (paper): ``M = softmax_K(Q_C K_I^T / sqrt(d))``; with ``m_step="mean"`` (default)
+          ``C_k <- sum_p M_pk v_p / sum_p M_pk`` with normalised queries and keys (module docstring),
+          with ``m_step="sum"`` ``C <- C + M V_I`` (Algorithm 1 to the letter).
+        * ``kmeans`` (kMaX-DeepLab): ``M = onehot(argmax_K(Q_C K_I^T))``, the same two M-steps (``mean``:
+          each center the mean of its tokens' values; a cluster without tokens keeps its center).
         * ``vanilla`` (Eq. 1): the softmax runs over the tokens instead of the clusters.
         * ``cosine`` (Context Cluster): ``M = sigmoid(beta + alpha * cos(Q_C, K_I))`` and the update is
           the M-weighted mean of the values, ``C <- C + M V_I / (sum_N M + 1)``.
         * ``criss_cross`` (CCNet): ``vanilla`` restricted to the row band and the column band that cross
           at the center's grid cell.
         * ``none``: the centers stay at their initialisation (BASELINE and "+ dispatching" of Table 6a).
+
+    ``vanilla``, ``cosine`` and ``criss_cross`` already average (their assignment sums to one over the tokens,
+    or they divide by it) and keep their own formulas whatever ``m_step`` is.
     """
 
     def __init__(
@@ -124,25 +148,48 @@ class RecurrentClustering(nn.Module):
         iterations: int = 3,
         update: str = "recurrent",
         grid: tuple[int, int] = (10, 10),
+        m_step: str = "mean",
     ):
         super().__init__()
         if update not in CENTER_UPDATES:
             raise ValueError(f"center update must be one of {CENTER_UPDATES}, got {update!r}")
+        if m_step not in M_STEPS:
+            raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.iterations = iterations
         self.update = update
+        self.m_step = m_step
+        # the EM reading (normalised E-step, weighted-mean M-step) applies to the updates over the clusters
+        self.em = m_step == "mean" and update in OVER_CLUSTERS
         self.grid = tuple(grid)
         self.scale = head_dim**-0.5
         inner = num_heads * head_dim
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
         self.q = nn.Linear(head_dim, head_dim)
+        if self.em:  # QK-norm within a head, gains shared by the heads (as the query projection)
+            self.q_norm = nn.LayerNorm(head_dim)
+            self.k_norm = nn.LayerNorm(head_dim)
+            self.init_as_kmeans()
         if update == "cosine":
             self.sim_alpha = nn.Parameter(torch.ones(1))
             self.sim_beta = nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def init_as_kmeans(self) -> None:
+        """Start the EM clustering as soft k-means in the space of the values: the query projection is the
+        identity and the key projection a copy of the value projection, so that the E-step compares each
+        (normalised) center with the (normalised) values it averages. Training moves the projections from there.
+        Model constructors that re-initialise every linear layer call this again afterwards."""
+        if not self.em:
+            return
+        self.q.weight.copy_(torch.eye(self.head_dim))
+        self.q.bias.zero_()
+        self.k.weight.copy_(self.v.weight)
+        self.k.bias.copy_(self.v.bias)
 
     def project(
         self, tokens: torch.Tensor, key_tokens: torch.Tensor | None = None
@@ -173,6 +220,8 @@ class RecurrentClustering(nn.Module):
         """
         if self.update == "none":
             return centers, None
+        if self.em:
+            return self._em(centers, keys, values)
         mask = criss_cross_mask(self.grid, hw, keys.device) if self.update == "criss_cross" else None
         # the 1/sqrt(d) of scaled dot-product attention, folded into the (shared) query projection
         q_weight = (self.q.weight * self.scale).expand(centers.shape[0], -1, -1)
@@ -187,6 +236,28 @@ class RecurrentClustering(nn.Module):
             else:
                 centers = torch.baddbmm(centers, values, assignments)  # M-step: C <- C + M V
         return centers, assignments
+
+    def _em(
+        self, centers: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m_step="mean"``: E-step on layer-normalised queries and keys; M-step = weighted mean of the values (a
+        cluster that receives no mass keeps its center: ``eps`` of it is mixed in). Inside, the centers are kept
+        as ``(S, K, d)``, so that the projection and the norms run along the contiguous channel axis; ``bmm``
+        reads the transposed views without copies."""
+        d = self.head_dim
+        keys = self.k_norm(keys)  # (S, N, d): normalised once per block
+        gain = self.q_norm.weight * self.scale  # the 1/sqrt(d) of the logits, folded into the gains
+        shift = self.q_norm.bias * self.scale
+        centers = centers.transpose(1, 2).contiguous()  # (S, K, d)
+        values = values.transpose(1, 2)  # (S, N, d) view
+        assignments = None
+        for _ in range(self.iterations):
+            queries = F.layer_norm(self.q(centers), (d,), gain, shift)  # (S, K, d)
+            assignments = self.assign(queries.transpose(1, 2), keys, None)  # E-step, (S, N, K)
+            mass = assignments.sum(dim=1).unsqueeze(-1)  # (S, K, 1)
+            summed = torch.baddbmm(centers, assignments.transpose(1, 2), values, beta=eps)  # eps C + M^T V
+            centers = summed / (mass + eps)  # M-step
+        return centers.transpose(1, 2), assignments
 
     def assign(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """E-step: queries ``(S, d, K)`` (already scaled by ``1/sqrt(d)``) and keys ``(S, N, d)`` ->
@@ -208,3 +279,23 @@ def assignment_maps(assignments: torch.Tensor, batch: int, hw: tuple[int, int]) 
     """``(B * heads, N, K)`` -> ``(B, heads, K, H, W)`` maps for pictures (Fig. 3)."""
     s, _, k = assignments.shape
     return assignments.transpose(1, 2).reshape(batch, s // batch, k, hw[0], hw[1])
+
+
+def cluster_statistics(assignments: torch.Tensor, centers: torch.Tensor) -> dict[str, float | list]:
+    """Whether a clustering clusters, for one image: ``assignments (heads, K, h, w)`` (soft, one E-step) and
+    ``centers (heads, K, d)``. Returns, averaged over the heads, ``clusters_used`` (distinct argmax clusters
+    over the tokens; ``clusters_used_per_head`` lists them), ``mean_max_assignment`` (the mean over tokens of
+    the largest soft assignment; ``1 / K`` is uniform) and ``center_cosine`` (the mean cosine over all pairs of
+    distinct centers; 1 means identical directions)."""
+    heads, k = assignments.shape[:2]
+    soft = assignments.reshape(heads, k, -1).float()
+    used = [int(torch.unique(soft[h].argmax(0)).numel()) for h in range(heads)]
+    u = unit(centers.float(), -1)
+    cos = torch.bmm(u, u.transpose(1, 2))  # (heads, K, K)
+    pairs = (cos.sum((1, 2)) - cos.diagonal(dim1=1, dim2=2).sum(1)) / max(k * (k - 1), 1)
+    return {
+        "clusters_used": sum(used) / heads,
+        "clusters_used_per_head": used,
+        "mean_max_assignment": float(soft.max(1).values.mean()),
+        "center_cosine": float(pairs.mean()),
+    }
