@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 from clusterformer.data.images import load_rgb
@@ -29,9 +30,15 @@ KEYS = ("clusters_used", "mean_max_assignment", "center_cosine")
 
 
 def measure(model_spec: str, images: list[Path], size: int | None) -> dict:
-    if model_spec.startswith("timm:"):
+    if model_spec.startswith("timm:"):  # timm:NAME[,key=value...], random weights (seed 0)
+        name, *options = model_spec[len("timm:") :].split(",")
         torch.manual_seed(0)
-        model = model_from_timm(model_spec[len("timm:") :])
+        model = model_from_timm(name)
+        if options:
+            kwargs = dict(option.split("=", 1) for option in options)
+            torch.manual_seed(0)
+            model.backbone = timm.create_model(name, num_classes=0, **kwargs)
+            model.description = f"{name} ({', '.join(options)}, random weights)"
     else:
         model = model_from_checkpoint(model_spec)
     per_map: dict[str, dict[str, list]] = {}
@@ -59,7 +66,9 @@ def segments_per_scene(panoptic_json: Path, images: list[Path]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="task checkpoints, or timm:NAME for a random timm ClusterFormer")
+    parser.add_argument(
+        "models", nargs="+", help="task checkpoints, or timm:NAME[,key=value...] for a random timm ClusterFormer"
+    )
     parser.add_argument("--images", required=True, nargs="+", help="image files or folders (*.png, *.jpg)")
     parser.add_argument("--limit", type=int, default=40, help="first N images (default 40)")
     parser.add_argument("--size", type=int, help="shorter side of the model input (default: each model's)")

@@ -201,3 +201,33 @@ def test_convert_command(classifier_ckpt, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.ckpt: checkpoint not found" in err
     assert not list(tmp_path.glob("bad*")) and not list(tmp_path.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("kind", ["classification", "instance"])
+def test_checkpoints_from_before_the_em_clustering_keep_their_literal_m_step(kind, tmp_path):
+    """A checkpoint written when Algorithm 1's summed M-step was the only one (no QK-norm weights, no m_step in
+    its settings) is rebuilt with m_step="sum" in the encoder and the decoder and computes what it did."""
+    torch.manual_seed(0)
+    if kind == "classification":
+        old = ClassificationTask(model="clusterformer_nano", num_classes=3, model_kwargs={"m_step": "sum"})
+    else:
+        old = SetTask(task="instance", backbone="clusterformer_nano", num_classes=2,
+                      decoder={**DECODER, "m_step": "sum"}, backbone_kwargs={"m_step": "sum"})  # fmt: skip
+    save_lightning_checkpoint(old, tmp_path / "old.ckpt")
+    checkpoint = load_checkpoint(tmp_path / "old.ckpt")
+    hparams = checkpoint["hyper_parameters"]  # as written then: without the m_step settings
+    for key in ("model_kwargs", "backbone_kwargs", "decoder"):
+        if isinstance(hparams.get(key), dict):
+            hparams[key] = {k: v for k, v in hparams[key].items() if k != "m_step"} or None
+    assert not any("q_norm" in key for key in checkpoint["state_dict"])
+    torch.save(checkpoint, tmp_path / "stripped.ckpt")
+    _, module = task_from_checkpoint(tmp_path / "stripped.ckpt")
+    clusterings = [m for m in module.modules() if type(m).__name__ == "RecurrentClustering"]
+    assert clusterings and all(m.m_step == "sum" for m in clusterings)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, rebuilt = old.eval()(images), module(images)
+    if kind == "classification":
+        torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(rebuilt["logits"], expected["logits"], rtol=0, atol=0)

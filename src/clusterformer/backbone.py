@@ -105,7 +105,7 @@ class ClusterBlock(nn.Module):
         mlp_ratio: hidden width of the channel MLP.
         center_grid: centers along height and width (10 x 10 = 100 in the paper).
         iterations: E/M iterations T (3 in the paper).
-        center_update, m_step: see :class:`~clusterformer.layers.RecurrentClustering`.
+        center_update, m_step, temperature: see :class:`~clusterformer.layers.RecurrentClustering`.
         dispatch: see :class:`~clusterformer.layers.FeatureDispatch`.
         hard_dispatch: top-1 mask in the dispatching similarity (Algorithm 2).
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to ``dim``.
@@ -129,6 +129,7 @@ class ClusterBlock(nn.Module):
         hard_dispatch: bool = False,
         center_hidden_ratio: float = 0.4,
         m_step: str = "mean",
+        temperature: float = 1.0,
         drop_path: float = 0.0,
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
@@ -142,7 +143,9 @@ class ClusterBlock(nn.Module):
         self.num_centers = center_grid[0] * center_grid[1]
         self.norm1 = norm_layer(dim)
         self.center_init = CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
-        self.clustering = RecurrentClustering(dim, num_heads, head_dim, iterations, center_update, center_grid, m_step)
+        self.clustering = RecurrentClustering(
+            dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+        )
         self.dispatch = FeatureDispatch(center_dim, dim, dispatch, hard_dispatch)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -234,6 +237,7 @@ class ClusterFormer(nn.Module):
         center_update, dispatch, hard_dispatch: the variants of Table 6c / 6e.
         m_step: ``"mean"`` (EM: normalised E-step, weighted-mean M-step) or ``"sum"`` (Algorithm 1 to the
             letter); see :class:`~clusterformer.layers.RecurrentClustering` and ``docs/architecture.md``.
+        temperature: of the EM E-step's normalised logits (1: scaled dot-product attention's ``1/sqrt(d)``).
         baseline: the paper's BASELINE (no center update, no dispatching); overrides both.
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
@@ -258,6 +262,7 @@ class ClusterFormer(nn.Module):
         baseline: bool = False,
         center_hidden_ratio: float = 0.4,
         m_step: str = "mean",
+        temperature: float = 1.0,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale: float | None = None,
@@ -305,6 +310,7 @@ class ClusterFormer(nn.Module):
                     hard_dispatch=hard_dispatch,
                     center_hidden_ratio=center_hidden_ratio,
                     m_step=m_step,
+                    temperature=temperature,
                     layer_scale=layer_scale,
                     norm_layer=norm_layer,
                 )

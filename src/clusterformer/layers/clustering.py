@@ -19,7 +19,8 @@ Two readings of the M-step (``m_step``), see ``docs/architecture.md``:
 * ``"mean"`` (default): EM for a mixture, as the paper's Eq. 3 and its appeal to EM clustering read. Each
   center becomes the responsibility-weighted mean of the values, ``C_k = sum_p M_pk v_p / sum_p M_pk``.
   The queries and keys are layer-normalised per head before the E-step (QK-norm, as ViT-22B, with learnt
-  gains shared by the heads), ``logits = <LN(q), LN(k)> / sqrt(d)``, so that the E-step's sharpness does not
+  gains shared by the heads), ``logits = <LN(q), LN(k)> / (sqrt(d) * temperature)`` (``temperature`` 1 by
+  default), so that the E-step's sharpness does not
   hang on the scale of the centers or of the projections. At initialisation the query projection is the
   identity and the key projection a copy of the value projection: the clustering starts as soft k-means in
   the space of the values.
@@ -149,6 +150,7 @@ class RecurrentClustering(nn.Module):
         update: str = "recurrent",
         grid: tuple[int, int] = (10, 10),
         m_step: str = "mean",
+        temperature: float = 1.0,
     ):
         super().__init__()
         if update not in CENTER_UPDATES:
@@ -157,6 +159,8 @@ class RecurrentClustering(nn.Module):
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.iterations = iterations
@@ -165,7 +169,9 @@ class RecurrentClustering(nn.Module):
         # the EM reading (normalised E-step, weighted-mean M-step) applies to the updates over the clusters
         self.em = m_step == "mean" and update in OVER_CLUSTERS
         self.grid = tuple(grid)
-        self.scale = head_dim**-0.5
+        self.temperature = temperature
+        # 1/sqrt(d) of scaled dot-product attention; the EM E-step divides its normalised logits by temperature
+        self.scale = head_dim**-0.5 / (temperature if self.em else 1.0)
         inner = num_heads * head_dim
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
