@@ -23,15 +23,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .outputs import atomic_path
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -97,23 +97,6 @@ def _quiet() -> Iterator[None]:
             yield
         finally:
             logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path) -> Iterator[Path]:
-    """A temporary path in ``out``'s folder, renamed to ``out`` when the block completes and removed otherwise,
-    so that ``out`` is never left half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # the suffix is kept (torch.export.save warns about names that do not end in .pt2)
-    fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=f".tmp{out.suffix}")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _dims():
@@ -213,7 +196,7 @@ def export_model(
     report = {"format": format, "path": str(out), "inputs": ["images"], "outputs": names, "max_abs_diff": {}}
     if format == "onnx":
         report.update(exporter=onnx_exporter, opset=opset)
-    with atomic_output(out) as tmp, _quiet():
+    with atomic_path(out) as tmp, _quiet():
         try:
             with torch.no_grad():
                 if format == "onnx":

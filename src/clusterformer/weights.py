@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .outputs import json_safe
+from .outputs import atomic_path, json_safe
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 TASK_KEY = "clusterformer_task"  # written by every task's on_save_checkpoint
@@ -206,8 +206,6 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = 
     """
     from safetensors.torch import save_file
 
-    from .export import atomic_output
-
     task, module = task_from_checkpoint(ckpt)
     hparams = dict(module.hparams)
     model = module.model
@@ -238,9 +236,9 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = 
     weights, info = prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
     description["weights"] = weights.name
     metadata = {"format": "pt", "task": task, "model": name, "num_classes": str(num_classes)}
-    with atomic_output(weights) as tmp:
+    with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-    with atomic_output(info) as tmp:
+    with atomic_path(info) as tmp:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
     return weights, info
 

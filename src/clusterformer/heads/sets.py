@@ -42,11 +42,6 @@ def grid_boxes(count: int) -> torch.Tensor:
     return torch.cat([torch.stack([cx.flatten(), cy.flatten()], -1), size], -1)[:count]
 
 
-def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    x = x.clamp(eps, 1 - eps)
-    return torch.log(x / (1 - x))
-
-
 class SetPredictionHead(nn.Module):
     """Per-query class FFN, box MLP (``boxes=True``) and mask embedding (``mask_dim`` given).
 
@@ -72,7 +67,8 @@ class SetPredictionHead(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes)
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
         self.box_embed = MLP(dim, dim, 4, 3) if boxes else None
-        self.reference = nn.Parameter(inverse_sigmoid(grid_boxes(num_queries))) if boxes and learnt_reference else None
+        learnt = boxes and learnt_reference
+        self.reference = nn.Parameter(torch.logit(grid_boxes(num_queries), eps=1e-5)) if learnt else None
         self.mask_embed = MLP(dim, dim, mask_dim, 3) if mask_dim is not None else None
 
     def forward(
@@ -82,7 +78,7 @@ class SetPredictionHead(nn.Module):
         learnt first-layer references) -> ``logits``, ``boxes``, ``masks``."""
         out = {"logits": self.class_embed(queries)}
         if self.box_embed is not None:
-            logit_reference = self.reference if reference is None else inverse_sigmoid(reference)
+            logit_reference = self.reference if reference is None else torch.logit(reference, eps=1e-5)
             out["boxes"] = (self.box_embed(queries) + logit_reference).sigmoid()
         if self.mask_embed is not None:
             out["masks"] = torch.einsum("bqe,behw->bqhw", self.mask_embed(queries), mask_features)
