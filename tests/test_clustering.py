@@ -21,11 +21,12 @@ def random_inputs(seed=0):
     return centers, keys, values
 
 
-def run_module(update, iterations=3, seed=0, m_step="mean"):
+def run_module(update, iterations=3, seed=0, m_step="mean", temperature=1.0):
     torch.manual_seed(seed)
     module = RecurrentClustering(
-        dim=4, num_heads=1, head_dim=D, iterations=iterations, update=update, grid=GRID, m_step=m_step
-    )
+        dim=4, num_heads=1, head_dim=D, iterations=iterations, update=update, grid=GRID, m_step=m_step,
+        temperature=temperature,
+    )  # fmt: skip
     if update == "cosine":
         with torch.no_grad():
             module.sim_alpha.fill_(1.7)
@@ -50,6 +51,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
 
 
 def slow_em_clustering(module, centers, keys, values, update, iterations, eps=1e-6):
+    temperature = module.temperature
     """m_step="mean": E-step on layer-normalised queries and keys, M-step = the responsibility-weighted mean of
     the values (a cluster keeps eps of its center, so that one without tokens keeps it), one cluster and one
     token at a time."""
@@ -65,7 +67,7 @@ def slow_em_clustering(module, centers, keys, values, update, iterations, eps=1e
             logits = torch.empty(N, K)
             for n in range(N):
                 for k in range(K):
-                    logits[n, k] = torch.dot(q[k], k_hat[n]) / math.sqrt(D)
+                    logits[n, k] = torch.dot(q[k], k_hat[n]) / (math.sqrt(D) * temperature)
             m = torch.zeros(N, K)
             for n in range(N):
                 if update == "recurrent":
@@ -136,6 +138,22 @@ def test_center_update_matches_slow_loop(update, iterations, m_step):
     ref_centers, ref_assign = slow_clustering(module, centers, keys, values, update, iterations)
     torch.testing.assert_close(out, ref_centers, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(assign, ref_assign, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("update", ["recurrent", "kmeans"])
+def test_temperature_divides_the_em_logits(update):
+    module, (centers, keys, values), out, assign = run_module(update, 3, temperature=0.3)
+    ref_centers, ref_assign = slow_clustering(module, centers, keys, values, update, 3)
+    torch.testing.assert_close(out, ref_centers, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(assign, ref_assign, rtol=1e-10, atol=1e-10)
+    if update == "recurrent":  # a lower temperature sharpens the assignment
+        assert assign.max(-1).values.mean() > run_module(update, 3)[3].max(-1).values.mean()
+
+
+def test_temperature_without_an_em_e_step_is_refused():
+    for update, m_step in (("vanilla", "mean"), ("recurrent", "sum")):
+        with pytest.raises(ValueError, match="temperature"):
+            RecurrentClustering(8, 1, 8, update=update, m_step=m_step, temperature=0.5)
 
 
 def test_mean_m_step_centers_are_weighted_means_of_the_values():

@@ -168,6 +168,11 @@ class RecurrentClustering(nn.Module):
         self.m_step = m_step
         # the EM reading (normalised E-step, weighted-mean M-step) applies to the updates over the clusters
         self.em = m_step == "mean" and update in OVER_CLUSTERS
+        if temperature != 1.0 and not self.em:
+            raise ValueError(
+                f"temperature divides the EM E-step's logits (m_step='mean' with {OVER_CLUSTERS}); "
+                f"update {update!r} with m_step {m_step!r} has none"
+            )
         self.grid = tuple(grid)
         self.temperature = temperature
         # 1/sqrt(d) of scaled dot-product attention; the EM E-step divides its normalised logits by temperature
