@@ -224,10 +224,20 @@ def test_checkpoints_from_before_the_em_clustering_keep_their_literal_m_step(kin
     _, module = task_from_checkpoint(tmp_path / "stripped.ckpt")
     clusterings = [m for m in module.modules() if type(m).__name__ == "RecurrentClustering"]
     assert clusterings and all(m.m_step == "sum" for m in clusterings)
+    # a weight file converted then: its JSON names no m_step either
+    weights, info = convert_checkpoint(tmp_path / "stripped.ckpt", tmp_path / "old")
+    description = json.loads(info.read_text())
+    for key in ("model_kwargs", "backbone_kwargs", "decoder"):
+        if isinstance(description["hyper_parameters"].get(key), dict):
+            description["hyper_parameters"][key].pop("m_step", None)
+    info.write_text(json.dumps(description))
+    converted = load_weights(weights)
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        expected, rebuilt = old.eval()(images), module(images)
+        expected, rebuilt, loaded = old.eval()(images), module(images), converted(images)
     if kind == "classification":
         torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
     else:
         torch.testing.assert_close(rebuilt["logits"], expected["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(loaded["logits"], expected["logits"], rtol=0, atol=0)

@@ -176,9 +176,10 @@ def task_from_checkpoint(path: str | Path, task: str | None = None):
 
 
 def literal_m_step_settings(task: str, hparams: dict, state: dict) -> dict:
-    """The hyperparameters of a checkpoint written before the EM reading of the clustering became the default:
-    its clustering layers have query projections but no QK-norm weights, so it was trained with Algorithm 1's
-    literal M-step and is rebuilt with ``m_step="sum"`` (encoder and decoder), unless its settings name one."""
+    """The hyperparameters of a checkpoint (or a converted weight file) written before the EM reading of the
+    clustering became the default: its clustering layers have query projections but no QK-norm weights, so it
+    was trained with Algorithm 1's literal M-step and is rebuilt with ``m_step="sum"`` (encoder and decoder),
+    unless its settings name one."""
     projections = [k for k in state if k.endswith("clustering.q.weight")]
     if not projections or any(k.endswith("clustering.q_norm.weight") for k in state):
         return hparams
@@ -284,7 +285,7 @@ def load_weights(path: str | Path) -> nn.Module:
 
     description, weights = read_description(path)
     state = _read_safetensors(weights)
-    hparams = description.get("hyper_parameters") or {}
+    hparams = literal_m_step_settings(description["task"], description.get("hyper_parameters") or {}, state)
     if description["task"] == "classification" or description.get("backbone_only"):
         key = "model_kwargs" if description["task"] == "classification" else "backbone_kwargs"
         options = rebuild_kwargs(hparams).get(key) or {}
