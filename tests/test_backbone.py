@@ -35,7 +35,8 @@ def slow_block(block: ClusterBlock, x: torch.Tensor) -> torch.Tensor:
                 if cl.m_step == "mean":
                     queries = centers @ cl.q.weight.T + cl.q.bias
                     queries = F.layer_norm(queries, (d,), cl.q_norm.weight, cl.q_norm.bias)
-                    assign = torch.softmax(keys @ queries.T / math.sqrt(d), dim=1)  # (N, K), over clusters
+                    logits = keys @ queries.T / (math.sqrt(d) * float(cl.temperature))
+                    assign = torch.softmax(logits, dim=1)  # (N, K), over clusters
                     centers = (assign.T @ values + 1e-6 * centers) / (assign.sum(0)[:, None] + 1e-6)
                 else:
                     queries = centers @ cl.q.weight.T + cl.q.bias

@@ -76,7 +76,7 @@ def test_decoder_clustering_is_em_by_default(float64, iterations):
             centers = queries[i, :, h * d : (h + 1) * d]
             for _ in range(iterations):
                 q = F.layer_norm(centers @ c.q.weight.T + c.q.bias, (d,), c.q_norm.weight, c.q_norm.bias)
-                assign = (keys @ q.T / math.sqrt(d)).softmax(dim=1)  # (n, k), over the queries
+                assign = (keys @ q.T / (math.sqrt(d) * float(c.temperature))).softmax(dim=1)  # over the queries
                 centers = (assign.T @ values + 1e-6 * centers) / (assign.sum(0)[:, None] + 1e-6)
             torch.testing.assert_close(update[i, :, h * d : (h + 1) * d], centers)
             torch.testing.assert_close(assignments[i, h], assign)

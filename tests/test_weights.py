@@ -241,3 +241,56 @@ def test_checkpoints_from_before_the_em_clustering_keep_their_literal_m_step(kin
     else:
         torch.testing.assert_close(rebuilt["logits"], expected["logits"], rtol=0, atol=0)
         torch.testing.assert_close(loaded["logits"], expected["logits"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["classification", "instance"])
+def test_em_checkpoints_saved_without_a_temperature_keep_temperature_one(kind, tmp_path):
+    """EM weights written before the E-step's temperature was a buffer of the state dict (QK-norm keys, no
+    temperature keys, no temperature in the settings) were trained at temperature 1: they load at 1 and compute
+    what they did, through the checkpoint, a converted weight pair and timm's plain file loading."""
+    torch.manual_seed(0)
+    if kind == "classification":
+        old = ClassificationTask(model="clusterformer_nano", num_classes=3, model_kwargs={"temperature": 1.0})
+    else:
+        old = SetTask(task="instance", backbone="clusterformer_nano", num_classes=2,
+                      decoder=DECODER, backbone_kwargs={"temperature": 1.0})  # fmt: skip
+    save_lightning_checkpoint(old, tmp_path / "old.ckpt")
+    checkpoint = load_checkpoint(tmp_path / "old.ckpt")
+    hparams = checkpoint["hyper_parameters"]
+    for key in ("model_kwargs", "backbone_kwargs"):
+        if isinstance(hparams.get(key), dict):
+            hparams[key] = {k: v for k, v in hparams[key].items() if k != "temperature"} or None
+    state = checkpoint["state_dict"]
+    assert any(key.endswith("q_norm.weight") for key in state)
+    for key in [key for key in state if key.endswith("clustering.temperature")]:
+        del state[key]
+    torch.save(checkpoint, tmp_path / "stripped.ckpt")
+    _, module = task_from_checkpoint(tmp_path / "stripped.ckpt")
+    clusterings = [m for m in module.modules() if type(m).__name__ == "RecurrentClustering"]
+    assert clusterings and all(float(m.temperature) == 1.0 for m in clusterings)
+    fresh = [m for m in old.modules() if type(m).__name__ == "RecurrentClustering"]
+    if kind == "instance":  # the decoder was built at the default, the encoder at 1: all read as 1 once stripped
+        assert {float(m.temperature) for m in fresh} == {0.5, 1.0}
+        with torch.no_grad():
+            for m in fresh:
+                m.temperature.fill_(1.0)
+    weights, _ = convert_checkpoint(tmp_path / "stripped.ckpt", tmp_path / "old")
+    converted = load_weights(weights)
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected, rebuilt, loaded = old.eval()(images), module(images), converted(images)
+    if kind == "classification":
+        from safetensors.torch import save_file
+
+        save_file({k[len("model."):]: v.contiguous() for k, v in state.items()}, tmp_path / "plain.safetensors")
+        plain = timm.create_model(
+            "clusterformer_nano", num_classes=3, pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(tmp_path / "plain.safetensors")),
+        ).eval()  # fmt: skip
+        with torch.no_grad():  # (timm drops the classifier of a file whose class count differs from 1000)
+            features = plain.forward_features(images), old.model.forward_features(images)
+        torch.testing.assert_close(*features, rtol=0, atol=0)
+    else:
+        expected, rebuilt, loaded = expected["logits"], rebuilt["logits"], loaded["logits"]
+    torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
+    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)

@@ -129,7 +129,7 @@ class ClusterBlock(nn.Module):
         hard_dispatch: bool = False,
         center_hidden_ratio: float = 0.4,
         m_step: str = "mean",
-        temperature: float = 1.0,
+        temperature: float | None = None,
         drop_path: float = 0.0,
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
@@ -237,7 +237,7 @@ class ClusterFormer(nn.Module):
         center_update, dispatch, hard_dispatch: the variants of Table 6c / 6e.
         m_step: ``"mean"`` (EM: normalised E-step, weighted-mean M-step) or ``"sum"`` (Algorithm 1 to the
             letter); see :class:`~clusterformer.layers.RecurrentClustering` and ``docs/architecture.md``.
-        temperature: of the EM E-step's normalised logits (1: scaled dot-product attention's ``1/sqrt(d)``).
+        temperature: of the EM E-step's normalised logits (default 0.5; a buffer, so weights bring their own).
         baseline: the paper's BASELINE (no center update, no dispatching); overrides both.
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
@@ -262,7 +262,7 @@ class ClusterFormer(nn.Module):
         baseline: bool = False,
         center_hidden_ratio: float = 0.4,
         m_step: str = "mean",
-        temperature: float = 1.0,
+        temperature: float | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         layer_scale: float | None = None,

@@ -162,12 +162,13 @@ class ClusteringDecoderLayer(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.0,
         m_step: str = "mean",
+        temperature: float | None = None,
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
         self.clustering = RecurrentClustering(
-            dim, num_heads, head_dim=dim // num_heads, iterations=iterations, m_step=m_step
+            dim, num_heads, head_dim=dim // num_heads, iterations=iterations, m_step=m_step, temperature=temperature
         )
         self.cluster_out = nn.Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -232,6 +233,7 @@ class ClusteringDecoder(nn.Module):
         query_position: ``"learnt"`` position embeddings, one per query, or ``"boxes"``: an MLP of the sine
             embedding of each query's reference box (``forward``'s ``reference`` and ``predict``).
         m_step: ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1), as the encoder's.
+        temperature: of the EM E-step, as the encoder's (``None``: the default).
     """
 
     num_levels = 3
@@ -252,6 +254,7 @@ class ClusteringDecoder(nn.Module):
         query_init: str = "encoder",
         query_position: str = "learnt",
         m_step: str = "mean",
+        temperature: float | None = None,
     ):
         super().__init__()
         if query_init not in QUERY_INITS:
@@ -276,7 +279,8 @@ class ClusteringDecoder(nn.Module):
             self.center_proj = nn.Sequential(nn.Linear(center_dim, dim), nn.LayerNorm(dim))
             self.center_to_query = nn.Linear(num_centers, num_queries) if num_queries != num_centers else None
         self.layers = nn.ModuleList(
-            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout, m_step) for _ in range(num_layers)
+            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout, m_step, temperature)
+            for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.level_embed, std=0.02)

@@ -148,6 +148,7 @@ def build_set_model(
     backbone_kwargs: dict | None = None,
     semantic_head: bool = False,
     m_step: str = "mean",
+    temperature: float | None = None,
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
 
@@ -157,7 +158,8 @@ def build_set_model(
     default) or ``"clusters"`` (the box of the query's cluster in that layer, ``decoder.cluster_boxes``).
 
     ``m_step``: the decoder's clustering, ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1 to the
-    letter); the encoder's is ``backbone_kwargs["m_step"]`` (``docs/architecture.md``).
+    letter); the encoder's is ``backbone_kwargs["m_step"]`` (``docs/architecture.md``). ``temperature``: the
+    decoder's EM E-step temperature (``None``: the default); the encoder's is ``backbone_kwargs["temperature"]``.
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
     (e.g. ``drop_path_rate``, or
@@ -182,6 +184,7 @@ def build_set_model(
         query_init=query_init,
         query_position=query_position,
         m_step=m_step,
+        temperature=temperature,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")

@@ -19,9 +19,9 @@ Two readings of the M-step (``m_step``), see ``docs/architecture.md``:
 * ``"mean"`` (default): EM for a mixture, as the paper's Eq. 3 and its appeal to EM clustering read. Each
   center becomes the responsibility-weighted mean of the values, ``C_k = sum_p M_pk v_p / sum_p M_pk``.
   The queries and keys are layer-normalised per head before the E-step (QK-norm, as ViT-22B, with learnt
-  gains shared by the heads), ``logits = <LN(q), LN(k)> / (sqrt(d) * temperature)`` (``temperature`` 1 by
-  default), so that the E-step's sharpness does not
-  hang on the scale of the centers or of the projections. At initialisation the query projection is the
+  gains shared by the heads), ``logits = <LN(q), LN(k)> / (sqrt(d) * temperature)`` (``temperature`` 0.5 by
+  default, kept in the state dict), so that the E-step's sharpness does not hang on the scale of the centers
+  or of the projections. At initialisation the query projection is the
   identity and the key projection a copy of the value projection: the clustering starts as soft k-means in
   the space of the values.
 * ``"sum"``: Algorithm 1 to the letter, ``C <- C + M V`` with ``logits = <q, k> / sqrt(d)``. Every token's
@@ -40,6 +40,9 @@ CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "no
 M_STEPS = ("mean", "sum")
 # the center updates whose assignment sums to one over the clusters: the two M-steps differ for them only
 OVER_CLUSTERS = ("recurrent", "kmeans")
+# the EM E-step's temperature (see docs/architecture.md); EM weights saved without one were trained at 1
+DEFAULT_TEMPERATURE = 0.5
+SAVED_WITHOUT_TEMPERATURE = 1.0
 
 
 def is_tracing() -> bool:
@@ -139,6 +142,10 @@ class RecurrentClustering(nn.Module):
 
     ``vanilla``, ``cosine`` and ``criss_cross`` already average (their assignment sums to one over the tokens,
     or they divide by it) and keep their own formulas whatever ``m_step`` is.
+
+    ``temperature`` (EM only; ``None``: ``DEFAULT_TEMPERATURE``, 0.5) divides the normalised logits. It is a
+    buffer of the state dict: loading weights sets it to the value they were trained at (EM weights saved
+    before it was stored read as 1). Giving one where there is no EM E-step is an error.
     """
 
     def __init__(
@@ -150,7 +157,7 @@ class RecurrentClustering(nn.Module):
         update: str = "recurrent",
         grid: tuple[int, int] = (10, 10),
         m_step: str = "mean",
-        temperature: float = 1.0,
+        temperature: float | None = None,
     ):
         super().__init__()
         if update not in CENTER_UPDATES:
@@ -159,7 +166,7 @@ class RecurrentClustering(nn.Module):
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
         if iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {iterations}")
-        if not temperature > 0:
+        if temperature is not None and not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -168,15 +175,18 @@ class RecurrentClustering(nn.Module):
         self.m_step = m_step
         # the EM reading (normalised E-step, weighted-mean M-step) applies to the updates over the clusters
         self.em = m_step == "mean" and update in OVER_CLUSTERS
-        if temperature != 1.0 and not self.em:
+        if temperature is not None and not self.em:
             raise ValueError(
                 f"temperature divides the EM E-step's logits (m_step='mean' with {OVER_CLUSTERS}); "
                 f"update {update!r} with m_step {m_step!r} has none"
             )
         self.grid = tuple(grid)
-        self.temperature = temperature
-        # 1/sqrt(d) of scaled dot-product attention; the EM E-step divides its normalised logits by temperature
-        self.scale = head_dim**-0.5 / (temperature if self.em else 1.0)
+        # 1/sqrt(d) of scaled dot-product attention; the EM E-step also divides its normalised logits by the
+        # temperature, a buffer of the state dict, so that a weight file brings the temperature it was trained at
+        self.scale = head_dim**-0.5
+        if self.em:
+            default = DEFAULT_TEMPERATURE if temperature is None else temperature
+            self.register_buffer("temperature", torch.tensor(float(default)))
         inner = num_heads * head_dim
         self.k = nn.Linear(dim, inner)
         self.v = nn.Linear(dim, inner)
@@ -188,6 +198,13 @@ class RecurrentClustering(nn.Module):
         if update == "cosine":
             self.sim_alpha = nn.Parameter(torch.ones(1))
             self.sim_beta = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # EM weights saved before the temperature was a buffer (QK-norm keys, no temperature) were trained at 1
+        key = f"{prefix}temperature"
+        if self.em and key not in state_dict and f"{prefix}q_norm.weight" in state_dict:
+            state_dict[key] = torch.tensor(SAVED_WITHOUT_TEMPERATURE)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_as_kmeans(self) -> None:
@@ -257,8 +274,9 @@ class RecurrentClustering(nn.Module):
         reads the transposed views without copies."""
         d = self.head_dim
         keys = self.k_norm(keys)  # (S, N, d): normalised once per block
-        gain = self.q_norm.weight * self.scale  # the 1/sqrt(d) of the logits, folded into the gains
-        shift = self.q_norm.bias * self.scale
+        scale = self.scale / self.temperature  # the logits' 1/(sqrt(d) * temperature), folded into the gains
+        gain = self.q_norm.weight * scale
+        shift = self.q_norm.bias * scale
         centers = centers.transpose(1, 2).contiguous()  # (S, K, d)
         values = values.transpose(1, 2)  # (S, N, d) view
         assignments = None
