@@ -282,7 +282,7 @@ def test_em_checkpoints_saved_without_a_temperature_keep_temperature_one(kind, t
     if kind == "classification":
         from safetensors.torch import save_file
 
-        save_file({k[len("model."):]: v.contiguous() for k, v in state.items()}, tmp_path / "plain.safetensors")
+        save_file({k[len("model.") :]: v.contiguous() for k, v in state.items()}, tmp_path / "plain.safetensors")
         plain = timm.create_model(
             "clusterformer_nano", num_classes=3, pretrained=True,
             pretrained_cfg_overlay=dict(file=str(tmp_path / "plain.safetensors")),
