@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+import yaml
 
 from clusterformer.data.images import load_rgb
 from clusterformer.explain import compute_assignments, model_from_checkpoint, model_from_timm
@@ -35,7 +36,7 @@ def measure(model_spec: str, images: list[Path], size: int | None) -> dict:
         torch.manual_seed(0)
         model = model_from_timm(name)
         if options:
-            kwargs = dict(option.split("=", 1) for option in options)
+            kwargs = {key: yaml.safe_load(value) for key, value in (option.split("=", 1) for option in options)}
             torch.manual_seed(0)
             model.backbone = timm.create_model(name, num_classes=0, **kwargs)
             model.description = f"{name} ({', '.join(options)}, random weights)"
