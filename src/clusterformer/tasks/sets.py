@@ -20,8 +20,7 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.coco import CocoInstances, read_coco
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
-from ..losses import SetCriterion, detection_criterion, instance_criterion
-from ..matching import HungarianMatcher
+from ..losses import detection_criterion, instance_criterion, joint_criterion
 from ..metrics.coco import coco_evaluate, to_coco_results
 from .base import DenseData, DenseTask, set_optimizers, step_decay  # noqa: F401  (re-exported)
 
@@ -119,26 +118,6 @@ class CocoData(DenseData):
             return CocoInstances(self.root / h.train_images, self.root / h.train_annotations, transform, h.masks)
         transform = transforms.dense_eval(h.test_shorter_side, h.test_max_size)
         return CocoInstances(self.root / h.val_images, self.val_annotation_file, transform, h.masks)
-
-
-def joint_criterion(
-    num_classes: int,
-    *,
-    class_weight: float = 2.0,
-    bbox_weight: float = 5.0,
-    giou_weight: float = 2.0,
-    mask_weight: float = 5.0,
-    dice_weight: float = 5.0,
-    num_points: int = 12544,
-) -> SetCriterion:
-    """Boxes and masks together: the detection and instance weights, used as losses and matching costs."""
-    matcher = HungarianMatcher(
-        cost_class=class_weight, cost_bbox=bbox_weight, cost_giou=giou_weight, cost_mask=mask_weight,
-        cost_dice=dice_weight, num_points=num_points,
-    )  # fmt: skip
-    weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
-               "loss_mask": mask_weight, "loss_dice": dice_weight}  # fmt: skip
-    return SetCriterion(num_classes, matcher, weights, ("labels", "boxes", "masks"), num_points=num_points)
 
 
 class SetTask(DenseTask):
