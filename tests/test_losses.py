@@ -1,6 +1,7 @@
 """Every loss term against a slow loop written from its formula (float64), and the criterion's behaviour on
 empty targets, crowded images, perfect predictions and bf16 autocast."""
 
+import inspect
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from clusterformer.losses import (
     detection_criterion,
     dice_loss,
     instance_criterion,
+    joint_criterion,
     point_sample,
     sigmoid_ce_loss,
     uncertainty_points,
@@ -300,6 +302,26 @@ def test_task_criteria_carry_the_paper_weights():
     outputs, targets = make_batch(10, 4, [1, 2], classes=3)
     assert list(detection(outputs, targets)) == ["loss_class", "loss_bbox", "loss_giou"]
     assert list(instance(outputs, targets)) == ["loss_class", "loss_mask", "loss_dice"]
+
+
+def test_joint_criterion_takes_the_keywords_of_the_detection_and_instance_criteria():
+    keywords = {}
+    for factory in (detection_criterion, instance_criterion):
+        keywords.update(
+            (name, p.default) for name, p in inspect.signature(factory).parameters.items() if p.kind == p.KEYWORD_ONLY
+        )
+    joint = inspect.signature(joint_criterion).parameters
+    assert {name: joint[name].default for name in keywords} == keywords
+    criterion = joint_criterion(3, num_points=16, oversample_ratio=2.0, importance_sample_ratio=0.5, focal_alpha=0.5,
+                                focal_gamma=1.0)  # fmt: skip
+    assert criterion.weight_dict == {**detection_criterion(3).weight_dict, **instance_criterion(3).weight_dict}
+    assert criterion.losses == ("labels", "boxes", "masks")
+    assert (criterion.num_points, criterion.oversample_ratio, criterion.importance_sample_ratio) == (16, 2.0, 0.5)
+    assert (criterion.focal_alpha, criterion.focal_gamma) == (0.5, 1.0)
+    matcher = criterion.matcher
+    assert (matcher.focal_alpha, matcher.focal_gamma, matcher.num_points) == (0.5, 1.0, 16)
+    outputs, targets = make_batch(10, 4, [1, 2], classes=3)
+    assert list(criterion(outputs, targets))[:5] == TERMS
 
 
 def test_configuration_and_input_errors_are_clear():

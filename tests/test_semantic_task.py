@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from clusterformer.cli import main
-from clusterformer.losses import ClassQueryMatcher, semantic_criterion
+from clusterformer.losses import semantic_criterion
+from clusterformer.matching import ClassQueryMatcher
 from clusterformer.metrics.semantic import evaluate_semantic
 from clusterformer.tasks import SemanticData, SemanticTask
 from clusterformer.tasks.semantic import collate_semantic

@@ -129,6 +129,29 @@ def test_older_checkpoints_are_recognised_by_their_hyperparameters(classifier_ck
         assert task_from_checkpoint(tmp_path / "old.ckpt")[0] == expected
 
 
+def test_checkpoints_with_the_settings_as_partial_dicts_still_load(instance_ckpt, tmp_path):
+    """Checkpoints written before the typed settings hold ``decoder`` and ``loss`` as the dicts that were
+    given (only some keys, or None); new ones hold every field. Both rebuild the same model."""
+    path, original = instance_ckpt
+    checkpoint = load_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    assert type(hparams["decoder"]) is dict and set(DECODER) < set(hparams["decoder"])  # every field, plainly
+    hparams.update(decoder=dict(DECODER), loss={"num_points": 64})
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    _, module = task_from_checkpoint(tmp_path / "old.ckpt")
+    assert module.criterion.num_points == 64
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(images)["masks"], original(images)["masks"], rtol=0, atol=0)
+    hparams.update(loss=None)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    assert task_from_checkpoint(tmp_path / "old.ckpt")[1].criterion.num_points == 12544
+    hparams.update(decoder={**DECODER, "num_querys": 10})
+    torch.save(checkpoint, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match="bad.ckpt: cannot rebuild .*decoder: unknown key 'num_querys'"):
+        task_from_checkpoint(tmp_path / "bad.ckpt")
+
+
 def test_unknown_task_and_other_architecture_are_refused(classifier_ckpt, tmp_path):
     checkpoint = load_checkpoint(classifier_ckpt[0])
     torch.save({**checkpoint, TASK_KEY: "depth"}, tmp_path / "depth.ckpt")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from torch.overrides import TorchFunctionMode
 
 # --- the tables ---------------------------------------------------------------------------------------
@@ -171,7 +172,12 @@ def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> N
                 + (f" with task: {init_args.get('task')}" if "task" in init_args else "")
             )
         key = "decoder"
-    init_args[key] = {**(init_args.get(key) or {}), **overrides}
+    current = init_args.get(key)
+    if isinstance(current, Namespace):  # a typed option (SetTask's DecoderSettings), parsed field by field
+        for name, value in overrides.items():
+            current[name] = value
+    else:
+        init_args[key] = {**(current or {}), **overrides}
 
 
 def build_row(

@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-__all__ = ["HungarianMatcher", "point_sample"]
+__all__ = ["ClassQueryMatcher", "HungarianMatcher", "point_sample"]
 
 
 def point_sample(
@@ -255,4 +255,20 @@ class HungarianMatcher(nn.Module):
                 )
             rows, cols = linear_sum_assignment(matrix)
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+class ClassQueryMatcher(nn.Module):
+    """Semantic segmentation with one query per class: query ``c`` is matched to the target of class ``c``
+    (each target is one class present in the image), no Hungarian search."""
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        num_queries = outputs["logits"].shape[1]
+        indices = []
+        for b, target in enumerate(targets):
+            labels = target["labels"].cpu().long()
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_queries):
+                raise ValueError(f"ClassQueryMatcher: image {b} has classes {labels.tolist()}, {num_queries} queries")
+            indices.append((labels, torch.arange(len(labels))))
         return indices

@@ -4,10 +4,12 @@ from .classification import ClassificationTask, ImageFolderData
 from .panoptic import PanopticData, PanopticTask
 from .semantic import SemanticData, SemanticTask
 from .sets import CocoData, SetTask
+from .settings import DecoderSettings
 
 __all__ = [
     "ClassificationTask",
     "CocoData",
+    "DecoderSettings",
     "ImageFolderData",
     "PanopticData",
     "PanopticTask",

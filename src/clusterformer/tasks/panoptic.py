@@ -13,6 +13,7 @@ merging) at the ground truth's own size and logs, as the paper's Table 5:
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,14 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.panoptic import CocoPanoptic, read_panoptic_json
 from ..heads import build_set_model, panoptic_postprocess
-from ..losses import IGNORE_INDEX, panoptic_criterion
+from ..losses import IGNORE_INDEX, PanopticLossSettings, panoptic_criterion
 from ..metrics.coco import coco_evaluate
 from ..metrics.panoptic import PanopticQuality
 from ..metrics.semantic import SemanticConfusion
 from .base import DenseData, DenseTask
 from .semantic import ImageOnly
 from .sets import pad_batch
+from .settings import DecoderSettings, as_settings
 
 PANOPTIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 
@@ -136,7 +138,7 @@ class PanopticTask(DenseTask):
             as ``SetTask``.
         num_classes: thing + stuff classes (COCO: 133); ``num_things``: the first ``num_things`` contiguous
             labels (categories sorted by id) are things (COCO: 80); checked against the dataset.
-        loss: options of ``panoptic_criterion``.
+        loss: options of ``panoptic_criterion`` (``losses.PanopticLossSettings``), or a dict of them.
         score_threshold, overlap_threshold, mask_threshold: of the mask-wise merging.
     """
 
@@ -145,9 +147,9 @@ class PanopticTask(DenseTask):
         backbone: str = "clusterformer_tiny",
         num_classes: int = 133,
         num_things: int = 80,
-        decoder: dict | None = None,
+        decoder: DecoderSettings | None = None,
         backbone_kwargs: dict | None = None,
-        loss: dict | None = None,
+        loss: PanopticLossSettings | None = None,
         lr: float = 1e-4,
         backbone_lr_mult: float = 0.1,
         weight_decay: float = 0.05,
@@ -158,13 +160,16 @@ class PanopticTask(DenseTask):
         mask_threshold: float = 0.5,
     ):
         super().__init__()
+        # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
+        decoder = asdict(as_settings(DecoderSettings, decoder, "decoder"))
+        loss = asdict(as_settings(PanopticLossSettings, loss, "loss"))
         self.save_hyperparameters()
         self.thing_classes = list(range(num_things))
         self.model = build_set_model(
             backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, semantic_head=True,
-            **(decoder or {}),
+            **decoder,
         )  # fmt: skip
-        self.criterion = panoptic_criterion(num_classes, self.thing_classes, **(loss or {}))
+        self.criterion = panoptic_criterion(num_classes, self.thing_classes, **loss)
         self._reset_evaluation()
 
     def _reset_evaluation(self) -> None:

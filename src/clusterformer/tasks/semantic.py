@@ -8,6 +8,7 @@ accumulates mmsegmentation's dataset-level intersections and unions (``metrics.s
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,10 +19,11 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
-from ..losses import semantic_criterion
+from ..losses import SemanticLossSettings, semantic_criterion
 from ..metrics.semantic import SemanticConfusion
 from .base import DenseData, DenseTask
 from .sets import pad_batch
+from .settings import DecoderSettings, as_settings
 
 
 class ImageOnly:
@@ -119,18 +121,19 @@ class SemanticTask(DenseTask):
     per-pixel cross-entropy x5 + dice x1 + class-presence focal loss x2 (``losses.semantic_criterion``),
     and the prediction ``argmax_c sum_q p_q(c) m_q`` (``heads.semantic_postprocess``).
 
-    Args: as ``SetTask`` (``backbone``, ``num_classes``, ``decoder``, ``backbone_kwargs``, ``loss``,
-    ``lr``, ``backbone_lr_mult``, ``weight_decay``, ``warmup_steps``, ``lr_milestones``); the decoder's
-    ``num_queries`` is the number of classes.
+    Args: as ``SetTask`` (``backbone``, ``num_classes``, ``decoder``, ``backbone_kwargs``, ``lr``,
+    ``backbone_lr_mult``, ``weight_decay``, ``warmup_steps``, ``lr_milestones``); the decoder's
+    ``num_queries`` is the number of classes. ``loss``: options of ``semantic_criterion``
+    (``losses.SemanticLossSettings``), or a dict of them.
     """
 
     def __init__(
         self,
         backbone: str = "clusterformer_tiny",
         num_classes: int = 150,
-        decoder: dict | None = None,
+        decoder: DecoderSettings | None = None,
         backbone_kwargs: dict | None = None,
-        loss: dict | None = None,
+        loss: SemanticLossSettings | None = None,
         lr: float = 1e-4,
         backbone_lr_mult: float = 0.1,
         weight_decay: float = 0.05,
@@ -138,12 +141,15 @@ class SemanticTask(DenseTask):
         lr_milestones: tuple[float, ...] = (0.9, 0.95),
     ):
         super().__init__()
+        decoder_settings = replace(as_settings(DecoderSettings, decoder, "decoder"), num_queries=num_classes)
+        loss_settings = as_settings(SemanticLossSettings, loss, "loss")
+        # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
+        decoder, loss = asdict(decoder_settings), asdict(loss_settings)
         self.save_hyperparameters()
-        decoder = {**(decoder or {}), "num_queries": num_classes}
         self.model = build_set_model(
             backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, **decoder
         )
-        self.criterion = semantic_criterion(num_classes, **(loss or {}))
+        self.criterion = semantic_criterion(num_classes, **loss)
         self.confusion = {"val": SemanticConfusion(num_classes), "test": SemanticConfusion(num_classes)}
 
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[torch.Tensor]:

@@ -8,7 +8,9 @@ Validation gathers the COCO-format predictions of every process, scores them wit
 
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -20,10 +22,10 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.coco import CocoInstances, read_coco
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
-from ..losses import SetCriterion, detection_criterion, instance_criterion
-from ..matching import HungarianMatcher
+from ..losses import SetCriterion, SetLossSettings, detection_criterion, instance_criterion, joint_criterion
 from ..metrics.coco import coco_evaluate, to_coco_results
 from .base import DenseData, DenseTask, set_optimizers, step_decay  # noqa: F401  (re-exported)
+from .settings import DecoderSettings, as_settings
 
 TASKS = ("detection", "instance")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -121,24 +123,23 @@ class CocoData(DenseData):
         return CocoInstances(self.root / h.val_images, self.val_annotation_file, transform, h.masks)
 
 
-def joint_criterion(
-    num_classes: int,
-    *,
-    class_weight: float = 2.0,
-    bbox_weight: float = 5.0,
-    giou_weight: float = 2.0,
-    mask_weight: float = 5.0,
-    dice_weight: float = 5.0,
-    num_points: int = 12544,
-) -> SetCriterion:
-    """Boxes and masks together: the detection and instance weights, used as losses and matching costs."""
-    matcher = HungarianMatcher(
-        cost_class=class_weight, cost_bbox=bbox_weight, cost_giou=giou_weight, cost_mask=mask_weight,
-        cost_dice=dice_weight, num_points=num_points,
-    )  # fmt: skip
-    weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
-               "loss_mask": mask_weight, "loss_dice": dice_weight}  # fmt: skip
-    return SetCriterion(num_classes, matcher, weights, ("labels", "boxes", "masks"), num_points=num_points)
+def set_criterion(num_classes: int, boxes: bool, masks: bool, loss: SetLossSettings) -> SetCriterion:
+    """The criterion of a model with ``boxes`` and / or ``masks``: ``detection_criterion``,
+    ``instance_criterion`` or ``joint_criterion``, with the fields of ``loss`` that it takes. A field that it
+    does not take (the mask settings of a detection model, the box weights of an instance model) must keep its
+    default: setting it is a ``ValueError`` rather than silently ignored."""
+    factory = joint_criterion if boxes and masks else instance_criterion if masks else detection_criterion
+    accepted = inspect.signature(factory).parameters
+    defaults = SetLossSettings()
+    unused = [
+        f"{field.name}={getattr(loss, field.name)!r}"
+        for field in fields(loss)
+        if field.name not in accepted and getattr(loss, field.name) != getattr(defaults, field.name)
+    ]
+    if unused:
+        kind = "boxes and masks" if boxes and masks else "masks" if masks else "boxes"
+        raise ValueError(f"loss: {', '.join(unused)} not used by {factory.__name__} (a model with {kind})")
+    return factory(num_classes, **{k: v for k, v in asdict(loss).items() if k in accepted})
 
 
 class SetTask(DenseTask):
@@ -149,11 +150,12 @@ class SetTask(DenseTask):
         task: ``"detection"`` or ``"instance"``.
         backbone: a registered ClusterFormer (``clusterformer_{nano,tiny,small}``).
         num_classes: thing classes; must match the dataset.
-        decoder: options of ``build_set_model`` (``num_queries``, ``dim``, ``mask_dim``, ``num_layers``,
-            ``num_heads``, ``iterations``, ``ffn_dim``, ``dropout``, ``query_init``).
+        decoder: the decoder's options (``DecoderSettings``: ``num_queries``, ``dim``, ``mask_dim``, ``num_layers``,
+            ``num_heads``, ``iterations``, ``ffn_dim``, ``dropout``, ``query_init``, ...), or a dict of them.
         backbone_kwargs: options of the backbone (``drop_path_rate``; ImageNet weights via
             ``pretrained: true`` and ``pretrained_cfg_overlay: {file: ...}``).
-        loss: options of the criterion (``num_points`` etc.).
+        loss: the criterion's options (``losses.SetLossSettings``: weights, ``num_points``, focal loss, ...), or
+            a dict of them; the mask options apply to instance models, the box weights to models with boxes.
         lr, backbone_lr_mult, weight_decay: AdamW; the backbone learns at ``lr * backbone_lr_mult``.
         warmup_steps, lr_milestones: linear warm-up, then x0.1 at these fractions of training.
         top_k: detections kept per image.
@@ -167,9 +169,9 @@ class SetTask(DenseTask):
         task: str = "detection",
         backbone: str = "clusterformer_tiny",
         num_classes: int = 80,
-        decoder: dict | None = None,
+        decoder: DecoderSettings | None = None,
         backbone_kwargs: dict | None = None,
-        loss: dict | None = None,
+        loss: SetLossSettings | None = None,
         lr: float = 1e-4,
         backbone_lr_mult: float = 0.1,
         weight_decay: float = 0.05,
@@ -181,17 +183,17 @@ class SetTask(DenseTask):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        decoder_settings = as_settings(DecoderSettings, decoder, "decoder")
+        loss_settings = as_settings(SetLossSettings, loss, "loss")
+        # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
+        decoder, loss = asdict(decoder_settings), asdict(loss_settings)
         self.save_hyperparameters()
         masks = task == "instance"
         boxes = not masks or predict_boxes
         self.model = build_set_model(
-            backbone, num_classes, boxes=boxes, masks=masks, backbone_kwargs=backbone_kwargs, **(decoder or {})
+            backbone, num_classes, boxes=boxes, masks=masks, backbone_kwargs=backbone_kwargs, **decoder
         )
-        self.criterion = (
-            joint_criterion(num_classes, **(loss or {}))
-            if masks and boxes
-            else (instance_criterion if masks else detection_criterion)(num_classes, **(loss or {}))
-        )
+        self.criterion = set_criterion(num_classes, boxes, masks, loss_settings)
         self._predictions: dict[int, dict] = {}
 
     # --- evaluation -------------------------------------------------------------------------------
