@@ -97,7 +97,11 @@ def _img_size(text: str):
 def _make_shapes(args: argparse.Namespace) -> int:
     from .data import make_shapes
 
-    written = make_shapes(args.out, args.seed, args.num_train, args.num_val, args.size)
+    try:
+        written = make_shapes(args.out, args.seed, args.num_train, args.num_val, args.size, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:  # bad options or an output folder holding another dataset
+        print(f"clusterformer make-shapes: error: {error}", file=sys.stderr)
+        return 2
     for split, counts in written.items():
         print(f"{split}: {counts['images']} images, {counts['instances']} instances, {counts['crops']} crops")
     print(f"wrote {args.out}")
@@ -107,7 +111,11 @@ def _make_shapes(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers)
+    try:
+        run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite)
+    except FileExistsError as error:  # an output folder holding something else; refused before any work
+        print(f"clusterformer demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -316,21 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the embedded shapes dataset in ImageFolder, COCO, ADE20K and COCO panoptic formats",
         description="Generate scenes of geometric 'thing' shapes (circle, square, triangle, star) over 'stuff' "
         "regions (sky, ground, water), deterministically from --seed, and write them as ImageFolder crops, COCO "
-        "instances JSON, ADE20K-style semantic PNGs and COCO panoptic JSON + PNGs.",
+        "instances JSON, ADE20K-style semantic PNGs and COCO panoptic JSON + PNGs, with OUT/shapes.json (the "
+        "options and the files). Rerun into the same folder with the same options, it writes the same files again; "
+        "a folder holding a dataset of other options is refused unless --overwrite.",
     )
     shapes.add_argument("--out", required=True, help="output folder")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--num-train", type=int, default=1000)
     shapes.add_argument("--num-val", type=int, default=200)
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset of other options in --out (its files are deleted first); without it, such a "
+        "folder is refused, and the same options write the same files again",
+    )
     shapes.set_defaults(func=_make_shapes)
 
     demo = sub.add_parser(
         "demo",
         help="generate the shapes dataset, train ClusterFormer-Nano on the CPU, evaluate it and write a report",
-        description="The main job on the embedded data: make-shapes, train clusterformer_nano (classification of "
-        "the shape crops), evaluate top-1 before and after training, and write OUT/report (metrics.json, "
-        "training_curve.png, predictions.png, report.md). Checkpoints go to OUT/checkpoints, logs to OUT/logs.",
+        description="The main job on the embedded data: make-shapes into OUT/data, train clusterformer_nano on "
+        "each task in turn (classification of the shape crops, then detection, instance, semantic and panoptic "
+        "segmentation from the classifier's encoder), evaluate every model before and after training, and write "
+        "OUT/report (metrics.json, report.md, a training curve and a picture of predictions per task). Checkpoints "
+        "and logs go to OUT/<task>; OUT/demo.json records the options. A folder holding a demo run with other "
+        "options, or other files, is refused unless --overwrite.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument(
@@ -338,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier demo run wrote to --out; without it, a folder holding a demo run with other "
+        "options (or other files) is refused, and a run with the same options is replaced file by file",
+    )
     demo.set_defaults(func=_demo)
 
     evaluate = sub.add_parser(
