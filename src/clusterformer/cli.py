@@ -191,7 +191,11 @@ EVALUATORS = {
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .outputs import atomic_path, check_output_file
+
     try:
+        if args.out:
+            check_output_file(args.out, args.overwrite)  # before the (possibly long) evaluation
         metrics = EVALUATORS[args.task](args)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer evaluate: error: {error}", file=sys.stderr)
@@ -200,8 +204,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            with atomic_path(args.out) as temporary:
+                temporary.write_text(text + "\n")
         except OSError as error:
             print(f"clusterformer evaluate: error: {args.out}: cannot write the metrics ({error})", file=sys.stderr)
             return 2
@@ -391,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="semantic: file value 0 is 'unlabelled' and v is class v-1, as in ADE20K (default); "
         "--no-reduce-zero-label: file values are the classes 0..N-1",
     )
-    evaluate.add_argument("--out", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--out", help="also write the metrics to this JSON file (an existing one is refused)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(func=_evaluate)
 
     ablate = sub.add_parser(
