@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -431,27 +432,164 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIGHTNING_COMMANDS = {
-    "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]",
+    "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]; resume a "
+    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR",
     "validate": "evaluate a checkpoint on the validation set: clusterformer validate --config FILE --ckpt_path CKPT",
     "test": "evaluate a checkpoint on the test set: clusterformer test --config FILE --ckpt_path CKPT",
     "predict": "run a checkpoint on the predict set: clusterformer predict --config FILE --ckpt_path CKPT",
 }
 
 
-def run_lightning(argv: list[str]) -> int:
-    """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
-    config (``model.class_path``, ``data.class_path``)."""
-    import lightning as L
+def checkpoint_folders(trainer) -> list[Path]:
+    """The folders that the trainer's checkpoint callbacks write to, which are also where Lightning looks for a
+    checkpoint to resume from when ``fit`` is given none and an ``OnExceptionCheckpoint`` is configured: each
+    callback's ``dirpath``, or for a ``ModelCheckpoint`` without one the folder Lightning resolves
+    (``<first logger's log_dir>/checkpoints``, else ``<default_root_dir>/checkpoints``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    folders = []
+    for callback in trainer.callbacks:
+        if not isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
+            continue
+        folder = callback.dirpath
+        if folder is None:
+            folder = Path(trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir) / "checkpoints"
+        folders.append(Path(folder).resolve())
+    return list(dict.fromkeys(folders))
+
+
+class RunExistsError(FileExistsError):
+    """``fit`` into checkpoint folders that hold another run, or a resume with other settings than the run's."""
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def refuse_earlier_run(trainer, resumed: Path | None = None) -> None:
+    """A :class:`RunExistsError` when a checkpoint folder of ``trainer`` holds checkpoints, unless ``resumed`` (the
+    checkpoint that the run continues) is one of them: a new run would otherwise continue the earlier one
+    silently (``OnExceptionCheckpoint`` makes Lightning resume from the newest ``last``/``on_exception``
+    checkpoint), or write its checkpoints beside those of another run."""
+    for folder in checkpoint_folders(trainer):
+        found = sorted(path.name for path in folder.glob("*.ckpt")) if folder.is_dir() else []
+        if not found or (resumed is not None and resumed.parent == folder):
+            continue
+        if resumed is None:
+            raise RunExistsError(
+                f"{folder}: holds the checkpoints of an earlier run ({_listed(found)}); pass --ckpt_path last (or a "
+                "checkpoint's path) to continue it, or --run_dir DIR to start a new run in a folder of its own"
+            )
+        raise RunExistsError(
+            f"{folder}: holds the checkpoints of another run ({_listed(found)}) than {resumed}; resume with that "
+            "run's own config and --run_dir, or pass --run_dir DIR to continue in a folder of its own"
+        )
+
+
+def resumed_checkpoint(trainer, ckpt_path: str) -> Path | None:
+    """The file that ``fit(ckpt_path=...)`` resumes from: the path itself, or for ``last`` the newest
+    ``last*.ckpt`` / ``on_exception.ckpt`` of the checkpoint folders, as Lightning picks it; ``None`` for the
+    other special values or a path that is not a file (Lightning reports those)."""
+    if ckpt_path == "last":
+        names = ("last*.ckpt", "on_exception.ckpt")
+        found = [path for folder in checkpoint_folders(trainer) for name in names for path in folder.glob(name)]
+        return max(found, key=lambda path: path.stat().st_mtime, default=None)
+    path = Path(ckpt_path)
+    return path.resolve() if path.is_file() else None
+
+
+def refuse_changed_settings(requested: dict, path: Path) -> None:
+    """A :class:`RunExistsError` when the task settings of the command (``requested``: the config's and the
+    command line's ``model.init_args``) differ from those the checkpoint at ``path`` was trained with. Lightning
+    would build the model with the checkpoint's settings from a checkpoint file, ignoring the command's, and
+    with the command's for ``--ckpt_path last`` while restoring the checkpoint's optimizer and schedule, so the
+    new checkpoints would record settings that were not used."""
+    import torch
+
+    from .outputs import json_safe
+
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception:  # not a checkpoint that loads this way: Lightning's own loading reports it
+        return
+    changed = [
+        f"{key} {json_safe(stored[key])!r} -> {json_safe(requested[key])!r}"
+        for key in sorted(set(stored) & set(requested), key=str)
+        if not str(key).startswith("_") and json_safe(stored[key]) != json_safe(requested[key])
+    ]
+    if changed:
+        raise RunExistsError(
+            f"{path}: the model's settings differ from the checkpoint's ({'; '.join(changed[:3])}); resume with the "
+            "run's own settings (its config.yaml), or start a new run with --run_dir DIR"
+        )
+
+
+def _clusterformer_cli():
+    """LightningCLI with what ``clusterformer fit`` adds: ``--run_dir`` and the refusal of an earlier run."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-    )
+    class ClusterFormerCLI(LightningCLI):
+        """``--run_dir DIR`` moves every output of the run (``default_root_dir``, the loggers' ``save_dir``, the
+        callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` resumes only
+        from a ``--ckpt_path`` (a path, or ``last``), with the run's settings (:func:`refuse_changed_settings`);
+        without one, checkpoint folders that hold an earlier run are refused (:func:`refuse_earlier_run`)."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--run_dir",
+                type=str | None,
+                default=None,
+                help="folder of this run's logs and checkpoints (DIR/checkpoints), replacing the config's paths",
+            )
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # the task settings asked for, before Lightning replaces them by a checkpoint file's
+            subcommand = self.config.get("subcommand")
+            model = self.config[subcommand].get("model") if subcommand else None
+            init_args = getattr(model, "init_args", None)
+            self.requested_settings = init_args.as_dict() if init_args is not None else {}
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand]
+            if config.get("run_dir"):
+                from .ablate import redirect_outputs
+
+                redirect_outputs(config.trainer, Path(config.run_dir))
+
+        def before_fit(self) -> None:
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            if ckpt_path is None:
+                refuse_earlier_run(self.trainer)
+                # nothing to resume: Lightning's notes on the "last" checkpoint it then looks for do not apply
+                warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
+                warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last')
+                return
+            resumed = resumed_checkpoint(self.trainer, str(ckpt_path))
+            if resumed is not None:
+                refuse_changed_settings(self.requested_settings, resumed)
+                refuse_earlier_run(self.trainer, resumed)
+
+    return ClusterFormerCLI
+
+
+def run_lightning(argv: list[str]) -> int:
+    """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
+    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``)."""
+    import lightning as L
+
+    try:
+        _clusterformer_cli()(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+        )
+    except RunExistsError as error:  # refused before anything is written
+        print(f"clusterformer {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
