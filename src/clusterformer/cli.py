@@ -472,7 +472,8 @@ def refuse_earlier_run(trainer, resumed: Path | None = None) -> None:
     silently (``OnExceptionCheckpoint`` makes Lightning resume from the newest ``last``/``on_exception``
     checkpoint), or write its checkpoints beside those of another run."""
     for folder in checkpoint_folders(trainer):
-        found = sorted(path.name for path in folder.glob("*.ckpt")) if folder.is_dir() else []
+        # not the hidden temporary file of a save that was killed (checkpoint_io.AtomicCheckpointIO)
+        found = sorted(path.name for path in folder.glob("[!.]*.ckpt")) if folder.is_dir() else []
         if not found or (resumed is not None and resumed.parent == folder):
             continue
         if resumed is None:
@@ -530,7 +531,8 @@ def _clusterformer_cli():
 
     class ClusterFormerCLI(LightningCLI):
         """``--run_dir DIR`` moves every output of the run (``default_root_dir``, the loggers' ``save_dir``, the
-        callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` resumes only
+        callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` writes its
+        checkpoints with :class:`~clusterformer.checkpoint_io.AtomicCheckpointIO` and resumes only
         from a ``--ckpt_path`` (a path, or ``last``), with the run's settings (:func:`refuse_changed_settings`);
         without one, checkpoint folders that hold an earlier run are refused (:func:`refuse_earlier_run`)."""
 
@@ -558,6 +560,9 @@ def _clusterformer_cli():
                 redirect_outputs(config.trainer, Path(config.run_dir))
 
         def before_fit(self) -> None:
+            from .checkpoint_io import use_atomic_checkpoints
+
+            use_atomic_checkpoints(self.trainer)
             ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
             if ckpt_path is None:
                 refuse_earlier_run(self.trainer)

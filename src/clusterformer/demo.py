@@ -32,7 +32,10 @@ DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
 
 
 def _trainer_kwargs(out: Path) -> dict:
-    return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False)
+    from .checkpoint_io import AtomicCheckpointIO
+
+    return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False,
+                plugins=[AtomicCheckpointIO()])  # fmt: skip
 
 
 # what the demo writes into its folder: removed by --overwrite
