@@ -279,3 +279,16 @@ def test_cli_bad_input_exits_2_with_one_line(gt_file, tmp_path, capsys, case):
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("clusterformer evaluate: error: ")
     assert (str(path) if case != "missing_pred" else "needs --pred") in lines[0]
+
+
+def test_cli_refuses_an_existing_out_unless_overwrite(gt_file, gt, tmp_path, capsys):
+    results_file, out = tmp_path / "results.json", tmp_path / "metrics.json"
+    results_file.write_text(json.dumps(perturbed_predictions(gt, 5)))
+    out.write_text("earlier metrics\n")
+    argv = ["evaluate", "--task", "detection", "--gt", str(gt_file), "--pred", str(results_file), "--out", str(out)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and out.read_text() == "earlier metrics\n"  # refused before evaluating
+    assert captured.err == f"clusterformer evaluate: error: {out}: already exists; pass --overwrite to replace it\n"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)

@@ -104,6 +104,24 @@ def test_token_maps_cover_their_pixels_of_the_resized_input():
     assert (image[8:, 8:] == 3).all()
 
 
+def test_a_non_empty_output_is_refused_and_overwrite_replaces_the_previous_pictures(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", "clusterformer_nano", photos / "chelsea.jpg", "--size", 64, "--out", out]
+    assert explain(*args, "--all-heads") == 0
+    heads = sorted(p.name for p in out.glob("stage1_head*.png"))
+    assert heads and (out / "clusters.json").is_file()
+    capsys.readouterr()
+    assert explain(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"clusterformer explain: error: {out}: output folder is not empty (")
+    assert "--overwrite" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.glob("stage1_head*.png")) == heads
+    assert explain(*args, "--overwrite") == 0
+    assert not list(out.glob("*_head*.png"))  # the earlier run's per-head pictures are gone
+    names = ["clusters.json", "stage1.png", "stage2.png", "stage3.png", "stage4.png", "summary.png"]
+    assert sorted(p.name for p in out.iterdir()) == names
+
+
 def test_bad_inputs_are_one_line_errors(photos, tmp_path, capsys):
     image = photos / "astronaut.png"
     cases = [

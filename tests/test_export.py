@@ -139,6 +139,13 @@ def test_export_command_from_checkpoint_and_from_weights(tmp_path, capsys):
     images = torch.randn(1, 3, 80, 72)
     with torch.no_grad():
         assert max_diff([torch.jit.load(str(out))(images)], reference(module.model.eval(), images)) <= 1e-5
+    capsys.readouterr()
+    exported = out.read_bytes()  # an existing output is refused before the model is loaded, and kept
+    assert main(["export", *args, "--out", str(out), *sizes]) == 2
+    message = f"clusterformer export: error: {out}: already exists; pass --overwrite to replace it\n"
+    assert capsys.readouterr().err == message
+    assert out.read_bytes() == exported
+    assert main(["export", *args, "--out", str(out), "--img-size", "64", "--overwrite"]) == 0
 
     nano = timm.create_model("clusterformer_nano", num_classes=3)  # --model: the registered architecture
     save_file(nano.state_dict(), str(tmp_path / "nano.safetensors"))

@@ -214,6 +214,32 @@ def test_missing_files_are_one_line_errors(checkpoints, shapes, tmp_path, capsys
     assert not (tmp_path / "out").exists()
 
 
+def test_a_non_empty_output_is_refused_and_overwrite_replaces_the_previous_results(checkpoints, shapes, tmp_path,
+                                                                                  capsys):  # fmt: skip
+    out = tmp_path / "out"
+    images = shapes / "images" / "val"
+    assert predict("--task", "classification", "--ckpt", checkpoints["classification"], images, "--out", out) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    two = tmp_path / "two"
+    two.mkdir()
+    for path in sorted(images.iterdir())[:2]:
+        (two / path.name).write_bytes(path.read_bytes())
+    args = ["--task", "semantic", "--ckpt", checkpoints["semantic"], two, "--out", out]
+    assert predict(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"clusterformer predict: error: {out}: output folder is not empty (")
+    assert "--overwrite" in err and len(err.splitlines()) == 1
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+    (out / "notes.txt").write_text("not a result")
+    assert predict(*args, "--overwrite") == 0
+    # the classification run's overlays and predictions.json are gone: only this run's results are there
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels", "notes.txt", "overlays", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == "semantic" and len(summary["images"]) == 2
+
+
 def test_predict_routes_to_lightning_only_with_its_arguments(capsys):
     config = ROOT / "configs" / "classification" / "clusterformer_nano_shapes.yaml"
     with pytest.raises(SystemExit) as exit_info:  # LightningCLI's predict, as before

@@ -131,3 +131,75 @@ def test_cli(tmp_path, capsys):
 def test_bad_arguments_are_rejected(tmp_path, args):
     with pytest.raises(ValueError):
         make_shapes(tmp_path, progress=False, **args)
+
+
+# --- rerunning into a folder that holds a dataset -----------------------------------------------------------------
+def make_shapes_cli(out, *options) -> int:
+    return main(["make-shapes", "--out", str(out), "--size", "40", "--num-val", "2", *map(str, options)])
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_rerun_with_the_same_options_gives_the_files_of_a_fresh_folder(tmp_path):
+    assert make_shapes_cli(tmp_path / "fresh", "--num-train", 6) == 0
+    assert make_shapes_cli(tmp_path / "again", "--num-train", 6) == 0
+    stale = tmp_path / "again" / "imagefolder" / "train" / "circle" / "999999_999999.png"
+    stale.write_bytes((tmp_path / "fresh" / "images" / "train" / "000000.png").read_bytes())
+    assert make_shapes_cli(tmp_path / "again", "--num-train", 6) == 0
+    assert not stale.exists()
+    assert tree_digest(tmp_path / "again") == tree_digest(tmp_path / "fresh")
+    manifest = json.loads((tmp_path / "fresh" / "shapes.json").read_text())
+    assert manifest["options"] == {"seed": 0, "num_train": 6, "num_val": 2, "size": 40} and manifest["complete"]
+    written = sorted(p.relative_to(tmp_path / "fresh").as_posix() for p in (tmp_path / "fresh").rglob("*.*"))
+    assert manifest["files"] == [name for name in written if name != "shapes.json"]
+
+
+def test_other_options_into_a_dataset_folder_are_refused_naming_overwrite(tmp_path, capsys):
+    out = tmp_path / "shapes"
+    assert make_shapes_cli(out, "--num-train", 6) == 0
+    before = tree_digest(out)
+    capsys.readouterr()
+    assert make_shapes_cli(out, "--num-train", 3, "--seed", 1) == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"clusterformer make-shapes: error: {out}: holds another shapes dataset (seed 0, 6 train")
+    assert "--overwrite" in err
+    assert tree_digest(out) == before  # nothing written
+
+
+def test_overwrite_replaces_the_earlier_dataset_completely(tmp_path):
+    out = tmp_path / "shapes"
+    assert make_shapes_cli(out, "--num-train", 6) == 0
+    (out / "notes.txt").write_text("not part of the dataset")
+    crops = len(list((out / "imagefolder").rglob("*.png")))
+    assert make_shapes_cli(out, "--num-train", 3, "--overwrite") == 0
+    assert make_shapes_cli(tmp_path / "fresh", "--num-train", 3) == 0
+    assert len(list((out / "imagefolder").rglob("*.png"))) < crops
+    assert (out / "notes.txt").read_text() == "not part of the dataset"  # files make-shapes did not write stay
+    (out / "notes.txt").unlink()
+    assert tree_digest(out) == tree_digest(tmp_path / "fresh")
+
+
+def test_a_dataset_without_manifest_and_foreign_folders_are_refused(tmp_path, capsys):
+    earlier = tmp_path / "earlier"  # written before shapes.json existed: its options are unknown
+    assert make_shapes_cli(earlier, "--num-train", 3) == 0
+    (earlier / "shapes.json").unlink()
+    capsys.readouterr()
+    assert make_shapes_cli(earlier, "--num-train", 3) == 2
+    assert "without shapes.json" in one_line_error(capsys)
+    assert make_shapes_cli(earlier, "--num-train", 3, "--overwrite") == 0
+    assert (earlier / "shapes.json").is_file()
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "images" / "photo.jpg").write_bytes(b"someone else's")
+    for extra in ((), ("--overwrite",)):
+        capsys.readouterr()
+        assert make_shapes_cli(coco, "--num-train", 3, *extra) == 2
+        assert f"{coco}: holds images/ that make-shapes did not write" in one_line_error(capsys)
+    assert (coco / "images" / "photo.jpg").exists()
+    (tmp_path / "file").write_text("x")
+    assert make_shapes_cli(tmp_path / "file", "--num-train", 3) == 2
+    assert "is a file" in one_line_error(capsys)

@@ -317,3 +317,14 @@ def test_em_checkpoints_saved_without_a_temperature_keep_temperature_one(kind, t
         expected, rebuilt, loaded = expected["logits"], rebuilt["logits"], loaded["logits"]
     torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
     torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_convert_refuses_existing_files_unless_overwrite(classifier_ckpt, tmp_path, capsys):
+    argv = ["convert", "--ckpt", str(classifier_ckpt[0]), "--out", str(tmp_path / "out")]
+    (tmp_path / "out.json").write_text("{}")  # one of the two files is enough to refuse
+    assert main(argv) == 2
+    message = f"{tmp_path / 'out.json'}: already exists; pass --overwrite to replace it"
+    assert capsys.readouterr().err == f"clusterformer convert: error: {message}\n"
+    assert not (tmp_path / "out.safetensors").exists() and (tmp_path / "out.json").read_text() == "{}"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["task"] == "classification"

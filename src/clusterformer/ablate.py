@@ -141,7 +141,7 @@ def _config_args(overrides: Sequence[str]) -> list[str]:
     return args
 
 
-def _redirect_outputs(trainer_config, row_dir: Path) -> None:
+def redirect_outputs(trainer_config, row_dir: Path) -> None:
     """Point the trainer's root, every logger's ``save_dir`` and every callback's ``dirpath`` (checkpoints)
     at ``row_dir``, keeping the classes and the other settings of the config."""
     trainer_config.default_root_dir = str(row_dir)
@@ -226,7 +226,7 @@ def build_row(
     class RowCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
             _apply_row(self.config.model, task, overrides, config_path)
-            _redirect_outputs(self.config.trainer, row_dir)
+            redirect_outputs(self.config.trainer, row_dir)
 
     try:
         with warnings.catch_warnings():

@@ -289,7 +289,7 @@ def _onnxruntime_session(model: torch.nn.Module, batch: int, img_size: ImageSize
     path = os.path.join(folder, f"{type(model).__name__}_{height}x{width}_{exporter}.onnx")
     if not os.path.exists(path):
         # traced at batch 2 (dynamic batch), then run at any batch
-        export_model(model, "onnx", path, ((height, width),), onnx_exporter=exporter, verify=False)
+        export_model(model, "onnx", path, ((height, width),), onnx_exporter=exporter, verify=False, overwrite=True)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])

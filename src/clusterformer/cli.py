@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -97,7 +98,11 @@ def _img_size(text: str):
 def _make_shapes(args: argparse.Namespace) -> int:
     from .data import make_shapes
 
-    written = make_shapes(args.out, args.seed, args.num_train, args.num_val, args.size)
+    try:
+        written = make_shapes(args.out, args.seed, args.num_train, args.num_val, args.size, overwrite=args.overwrite)
+    except (ValueError, OSError) as error:  # bad options or an output folder holding another dataset
+        print(f"clusterformer make-shapes: error: {error}", file=sys.stderr)
+        return 2
     for split, counts in written.items():
         print(f"{split}: {counts['images']} images, {counts['instances']} instances, {counts['crops']} crops")
     print(f"wrote {args.out}")
@@ -107,7 +112,11 @@ def _make_shapes(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers)
+    try:
+        run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite)
+    except FileExistsError as error:  # an output folder holding something else; refused before any work
+        print(f"clusterformer demo: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -183,7 +192,11 @@ EVALUATORS = {
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from .outputs import atomic_path, check_output_file
+
     try:
+        if args.out:
+            check_output_file(args.out, args.overwrite)  # before the (possibly long) evaluation
         metrics = EVALUATORS[args.task](args)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer evaluate: error: {error}", file=sys.stderr)
@@ -192,8 +205,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            with atomic_path(args.out) as temporary:
+                temporary.write_text(text + "\n")
         except OSError as error:
             print(f"clusterformer evaluate: error: {args.out}: cannot write the metrics ({error})", file=sys.stderr)
             return 2
@@ -316,21 +329,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate the embedded shapes dataset in ImageFolder, COCO, ADE20K and COCO panoptic formats",
         description="Generate scenes of geometric 'thing' shapes (circle, square, triangle, star) over 'stuff' "
         "regions (sky, ground, water), deterministically from --seed, and write them as ImageFolder crops, COCO "
-        "instances JSON, ADE20K-style semantic PNGs and COCO panoptic JSON + PNGs.",
+        "instances JSON, ADE20K-style semantic PNGs and COCO panoptic JSON + PNGs, with OUT/shapes.json (the "
+        "options and the files). Rerun into the same folder with the same options, it writes the same files again; "
+        "a folder holding a dataset of other options is refused unless --overwrite.",
     )
     shapes.add_argument("--out", required=True, help="output folder")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--num-train", type=int, default=1000)
     shapes.add_argument("--num-val", type=int, default=200)
     shapes.add_argument("--size", type=int, default=128, help="image side in pixels")
+    shapes.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset of other options in --out (its files are deleted first); without it, such a "
+        "folder is refused, and the same options write the same files again",
+    )
     shapes.set_defaults(func=_make_shapes)
 
     demo = sub.add_parser(
         "demo",
         help="generate the shapes dataset, train ClusterFormer-Nano on the CPU, evaluate it and write a report",
-        description="The main job on the embedded data: make-shapes, train clusterformer_nano (classification of "
-        "the shape crops), evaluate top-1 before and after training, and write OUT/report (metrics.json, "
-        "training_curve.png, predictions.png, report.md). Checkpoints go to OUT/checkpoints, logs to OUT/logs.",
+        description="The main job on the embedded data: make-shapes into OUT/data, train clusterformer_nano on "
+        "each task in turn (classification of the shape crops, then detection, instance, semantic and panoptic "
+        "segmentation from the classifier's encoder), evaluate every model before and after training, and write "
+        "OUT/report (metrics.json, report.md, a training curve and a picture of predictions per task). Checkpoints "
+        "and logs go to OUT/<task>; OUT/demo.json records the options. A folder holding a demo run with other "
+        "options, or other files, is refused unless --overwrite.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument(
@@ -338,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier demo run wrote to --out; without it, a folder holding a demo run with other "
+        "options (or other files) is refused, and a run with the same options is replaced file by file",
+    )
     demo.set_defaults(func=_demo)
 
     evaluate = sub.add_parser(
@@ -366,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="semantic: file value 0 is 'unlabelled' and v is class v-1, as in ADE20K (default); "
         "--no-reduce-zero-label: file values are the classes 0..N-1",
     )
-    evaluate.add_argument("--out", help="also write the metrics to this JSON file")
+    evaluate.add_argument("--out", help="also write the metrics to this JSON file (an existing one is refused)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     evaluate.set_defaults(func=_evaluate)
 
     ablate = sub.add_parser(
@@ -401,27 +432,169 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIGHTNING_COMMANDS = {
-    "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]",
+    "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]; resume a "
+    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR",
     "validate": "evaluate a checkpoint on the validation set: clusterformer validate --config FILE --ckpt_path CKPT",
     "test": "evaluate a checkpoint on the test set: clusterformer test --config FILE --ckpt_path CKPT",
     "predict": "run a checkpoint on the predict set: clusterformer predict --config FILE --ckpt_path CKPT",
 }
 
 
-def run_lightning(argv: list[str]) -> int:
-    """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
-    config (``model.class_path``, ``data.class_path``)."""
-    import lightning as L
+def checkpoint_folders(trainer) -> list[Path]:
+    """The folders that the trainer's checkpoint callbacks write to, which are also where Lightning looks for a
+    checkpoint to resume from when ``fit`` is given none and an ``OnExceptionCheckpoint`` is configured: each
+    callback's ``dirpath``, or for a ``ModelCheckpoint`` without one the folder Lightning resolves
+    (``<first logger's log_dir>/checkpoints``, else ``<default_root_dir>/checkpoints``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+
+    folders = []
+    for callback in trainer.callbacks:
+        if not isinstance(callback, ModelCheckpoint | OnExceptionCheckpoint):
+            continue
+        folder = callback.dirpath
+        if folder is None:
+            folder = Path(trainer.loggers[0].log_dir if trainer.loggers else trainer.default_root_dir) / "checkpoints"
+        folders.append(Path(folder).resolve())
+    return list(dict.fromkeys(folders))
+
+
+class RunExistsError(FileExistsError):
+    """``fit`` into checkpoint folders that hold another run, or a resume with other settings than the run's."""
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def refuse_earlier_run(trainer, resumed: Path | None = None) -> None:
+    """A :class:`RunExistsError` when a checkpoint folder of ``trainer`` holds checkpoints, unless ``resumed`` (the
+    checkpoint that the run continues) is one of them: a new run would otherwise continue the earlier one
+    silently (``OnExceptionCheckpoint`` makes Lightning resume from the newest ``last``/``on_exception``
+    checkpoint), or write its checkpoints beside those of another run."""
+    for folder in checkpoint_folders(trainer):
+        # not the hidden temporary file of a save that was killed (checkpoint_io.AtomicCheckpointIO)
+        found = sorted(path.name for path in folder.glob("[!.]*.ckpt")) if folder.is_dir() else []
+        if not found or (resumed is not None and resumed.parent == folder):
+            continue
+        if resumed is None:
+            raise RunExistsError(
+                f"{folder}: holds the checkpoints of an earlier run ({_listed(found)}); pass --ckpt_path last (or a "
+                "checkpoint's path) to continue it, or --run_dir DIR to start a new run in a folder of its own"
+            )
+        raise RunExistsError(
+            f"{folder}: holds the checkpoints of another run ({_listed(found)}) than {resumed}; resume with that "
+            "run's own config and --run_dir, or pass --run_dir DIR to continue in a folder of its own"
+        )
+
+
+def resumed_checkpoint(trainer, ckpt_path: str) -> Path | None:
+    """The file that ``fit(ckpt_path=...)`` resumes from: the path itself, or for ``last`` the newest
+    ``last*.ckpt`` / ``on_exception.ckpt`` of the checkpoint folders, as Lightning picks it; ``None`` for the
+    other special values or a path that is not a file (Lightning reports those)."""
+    if ckpt_path == "last":
+        names = ("last*.ckpt", "on_exception.ckpt")
+        found = [path for folder in checkpoint_folders(trainer) for name in names for path in folder.glob(name)]
+        return max(found, key=lambda path: path.stat().st_mtime, default=None)
+    path = Path(ckpt_path)
+    return path.resolve() if path.is_file() else None
+
+
+def refuse_changed_settings(requested: dict, path: Path) -> None:
+    """A :class:`RunExistsError` when the task settings of the command (``requested``: the config's and the
+    command line's ``model.init_args``) differ from those the checkpoint at ``path`` was trained with. Lightning
+    would build the model with the checkpoint's settings from a checkpoint file, ignoring the command's, and
+    with the command's for ``--ckpt_path last`` while restoring the checkpoint's optimizer and schedule, so the
+    new checkpoints would record settings that were not used."""
+    import torch
+
+    from .outputs import json_safe
+
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters") or {}
+    except Exception:  # not a checkpoint that loads this way: Lightning's own loading reports it
+        return
+    changed = [
+        f"{key} {json_safe(stored[key])!r} -> {json_safe(requested[key])!r}"
+        for key in sorted(set(stored) & set(requested), key=str)
+        if not str(key).startswith("_") and json_safe(stored[key]) != json_safe(requested[key])
+    ]
+    if changed:
+        raise RunExistsError(
+            f"{path}: the model's settings differ from the checkpoint's ({'; '.join(changed[:3])}); resume with the "
+            "run's own settings (its config.yaml), or start a new run with --run_dir DIR"
+        )
+
+
+def _clusterformer_cli():
+    """LightningCLI with what ``clusterformer fit`` adds: ``--run_dir`` and the refusal of an earlier run."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-    )
+    class ClusterFormerCLI(LightningCLI):
+        """``--run_dir DIR`` moves every output of the run (``default_root_dir``, the loggers' ``save_dir``, the
+        callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` writes its
+        checkpoints with :class:`~clusterformer.checkpoint_io.AtomicCheckpointIO` and resumes only
+        from a ``--ckpt_path`` (a path, or ``last``), with the run's settings (:func:`refuse_changed_settings`);
+        without one, checkpoint folders that hold an earlier run are refused (:func:`refuse_earlier_run`)."""
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--run_dir",
+                type=str | None,
+                default=None,
+                help="folder of this run's logs and checkpoints (DIR/checkpoints), replacing the config's paths",
+            )
+
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            # the task settings asked for, before Lightning replaces them by a checkpoint file's
+            subcommand = self.config.get("subcommand")
+            model = self.config[subcommand].get("model") if subcommand else None
+            init_args = getattr(model, "init_args", None)
+            self.requested_settings = init_args.as_dict() if init_args is not None else {}
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config[self.subcommand]
+            if config.get("run_dir"):
+                from .ablate import redirect_outputs
+
+                redirect_outputs(config.trainer, Path(config.run_dir))
+
+        def before_fit(self) -> None:
+            from .checkpoint_io import use_atomic_checkpoints
+
+            use_atomic_checkpoints(self.trainer)
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            if ckpt_path is None:
+                refuse_earlier_run(self.trainer)
+                # nothing to resume: Lightning's notes on the "last" checkpoint it then looks for do not apply
+                warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
+                warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last')
+                return
+            resumed = resumed_checkpoint(self.trainer, str(ckpt_path))
+            if resumed is not None:
+                refuse_changed_settings(self.requested_settings, resumed)
+                refuse_earlier_run(self.trainer, resumed)
+
+    return ClusterFormerCLI
+
+
+def run_lightning(argv: list[str]) -> int:
+    """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
+    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``)."""
+    import lightning as L
+
+    try:
+        _clusterformer_cli()(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+        )
+    except RunExistsError as error:  # refused before anything is written
+        print(f"clusterformer {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

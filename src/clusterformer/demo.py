@@ -32,17 +32,61 @@ DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
 
 
 def _trainer_kwargs(out: Path) -> dict:
-    return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False)
+    from .checkpoint_io import AtomicCheckpointIO
+
+    return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False,
+                plugins=[AtomicCheckpointIO()])  # fmt: skip
 
 
-def run_demo(out: str | Path, quick: bool = False, seed: int = 0, num_workers: int = 2, **overrides) -> dict:
+# what the demo writes into its folder: removed by --overwrite
+DEMO_ENTRIES = ("data", "classification", "detection", "instance", "semantic", "panoptic", "report", "demo.json")
+
+
+def prepare_demo_folder(out: Path, options: dict, overwrite: bool = False) -> None:
+    """Make ``out`` ready for a demo run with ``options`` (the preset and the seed), before anything is written.
+
+    An empty folder, or one holding a demo run with the same options (``demo.json``), is used as it is: every
+    file is written again under the same name (the data with the same bytes). A demo run with other options, or
+    a folder holding other files, is an :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``,
+    which deletes the earlier run's entries (:data:`DEMO_ENTRIES`) and keeps other files."""
+    from .outputs import OutputExistsError, check_output_folder, remove_outputs, write_json
+
+    record = out / "demo.json"
+    try:
+        found = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        found = None
+    if overwrite:
+        check_output_folder(out, overwrite=True)  # a file is still refused
+        remove_outputs(out, DEMO_ENTRIES)
+    elif isinstance(found, dict) and "options" in found:
+        if found["options"] != options:
+            changed = ", ".join(
+                f"{key} {found['options'].get(key)} -> {value}"
+                for key, value in options.items()
+                if found["options"].get(key) != value
+            )
+            raise OutputExistsError(
+                f"{out}: holds a demo run with other options ({changed}); pass --overwrite to replace it, or choose "
+                "another folder"
+            )
+    else:
+        check_output_folder(out, overwrite=False)
+    write_json(out / "demo.json", {"options": options})
+
+
+def run_demo(
+    out: str | Path, quick: bool = False, seed: int = 0, num_workers: int = 2, overwrite: bool = False, **overrides
+) -> dict:
     """Run the demo into ``out``; ``overrides`` replace entries of the preset (num_train, num_val, size,
-    epochs, detection_epochs, set_epochs, semantic_epochs, panoptic_epochs). Returns the metrics written to
-    ``out/report/metrics.json``."""
+    epochs, detection_epochs, set_epochs, semantic_epochs, panoptic_epochs). A folder holding something else
+    than a demo run with the same options is refused unless ``overwrite`` (:func:`prepare_demo_folder`).
+    Returns the metrics written to ``out/report/metrics.json``."""
     from .data import make_shapes
 
     preset = {**PRESETS["quick" if quick else "full"], **overrides}
     out = Path(out)
+    prepare_demo_folder(out, {**preset, "seed": seed}, overwrite)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

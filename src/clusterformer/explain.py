@@ -10,7 +10,9 @@ a softmax over the queries), read with a forward hook, so the decoder itself is 
 
 Writes ``stage<i>.png`` (the image's size), ``decoder.png`` (dense models), ``summary.png`` (all of them with
 the image) and ``clusters.json`` (cluster sizes and, per map, whether the model clusters: clusters used, mean
-largest assignment and mean center cosine, averaged over the heads); see ``docs/predict_explain.md``.
+largest assignment and mean center cosine, averaged over the heads); see ``docs/predict_explain.md``. A
+non-empty output folder is refused unless ``overwrite`` (``--overwrite``), which first deletes the pictures and
+JSON of the previous run (:data:`OUTPUTS`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from PIL import Image
 from . import pictures
 from .data.images import load_rgb
 from .layers.clustering import cluster_statistics
-from .outputs import atomic_path, save_png, write_json
+from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
+
+# what explain writes into its folder: the previous results that --overwrite deletes
+OUTPUTS = ("stage*.png", "decoder*.png", "summary.png", "clusters.json")
 
 
 class ExplainError(ValueError):
@@ -201,14 +206,18 @@ def explain_image(
     all_heads: bool = False,
     alpha: float = 0.5,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> dict:
-    """Write the cluster pictures of ``image_path`` to ``out`` and return what ``clusters.json`` holds."""
+    """Write the cluster pictures of ``image_path`` to ``out`` and return what ``clusters.json`` holds. A
+    non-empty ``out`` is an :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``, which deletes
+    the previous pictures and JSON (:data:`OUTPUTS`) once the image has been read and the model has run."""
+    out = check_output_folder(out, overwrite)
     image = load_rgb(image_path)
     result = compute_assignments(model, image, size, device)
     heads = min(m["assignments"].shape[0] for m in result["maps"])
     if not 0 <= head < heads:
         raise ExplainError(f"--head {head}: the model has heads 0..{heads - 1} (in every stage)")
-    out = Path(out)
+    remove_outputs(out, OUTPUTS)  # only with overwrite can the folder hold anything
     out.mkdir(parents=True, exist_ok=True)
     pixels = np.asarray(image)
     image_size = (image.height, image.width)
@@ -293,7 +302,12 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--model", help="timm model name, e.g. clusterformer_tiny")
     parser.add_argument("--weights", help="with --model: local weights (.safetensors or a state dict)")
     parser.add_argument("image", metavar="IMAGE", help="image file (any size or mode)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (empty or new, unless --overwrite)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: the pictures and JSON of the previous run there are deleted first",
+    )
     parser.add_argument("--size", type=int, help="shorter side of the model input (default: the model's test size)")
     parser.add_argument("--head", type=int, default=0, help="clustering head drawn (default 0, the first)")
     parser.add_argument("--all-heads", action="store_true", help="also write <map>_head<h>.png for every head")
@@ -309,9 +323,10 @@ def _explain(args: argparse.Namespace) -> int:
             raise ExplainError("--weights goes with --model (a checkpoint carries its own weights)")
         if not Path(args.image).is_file():
             raise ExplainError(f"{args.image}: image file not found")
+        check_output_folder(args.out, args.overwrite)  # before the model is built
         model = model_from_checkpoint(args.ckpt) if args.ckpt else model_from_timm(args.model, args.weights)
         report = explain_image(model, args.image, args.out, args.size, args.head, args.all_heads, args.alpha,
-                               args.device)  # fmt: skip
+                               args.device, overwrite=args.overwrite)  # fmt: skip
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer explain: error: {error}", file=sys.stderr)
         return 2

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .outputs import atomic_path
+from .outputs import atomic_path, check_output_file
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -167,12 +167,15 @@ def export_model(
     batch_size: int = 2,
     verify: bool = True,
     atol: float = 1e-3,
+    overwrite: bool = False,
 ) -> dict:
     """Export ``model`` (in eval mode, on the CPU, fp32) to ``out`` in ``format`` (one of :data:`FORMATS`).
 
     The model is traced at ``example_sizes[0]``; batch, height and width stay dynamic. With ``verify`` the saved
     file is reloaded and run at every example size (``batch_size`` random images) and compared with the model:
-    a max abs difference above ``atol`` is an :class:`ExportError` and nothing is written to ``out``.
+    a max abs difference above ``atol`` is an :class:`ExportError` and nothing is written to ``out``. An existing
+    ``out`` is an :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``; it is replaced only when
+    the new file is complete (and verified).
 
     Returns a report: ``format``, ``path``, ``inputs`` (``["images"]``), ``outputs`` (names, in order),
     ``exporter`` (for ONNX), ``opset`` and ``max_abs_diff`` (``{"HxW": difference}``, empty when not verified;
@@ -182,6 +185,7 @@ def export_model(
         raise ExportError(f"unsupported format {format!r}; expected one of {', '.join(FORMATS)}")
     if onnx_exporter not in ONNX_EXPORTERS:
         raise ExportError(f"unknown ONNX exporter {onnx_exporter!r}; expected one of {', '.join(ONNX_EXPORTERS)}")
+    check_output_file(out, overwrite)
     sizes = [(int(h), int(w)) for h, w in example_sizes]
     if not sizes:
         raise ExportError("at least one example size is needed")
@@ -261,7 +265,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, help="classes of the --model head (default: the weights')")
     parser.add_argument("--weights", help="safetensors weights (of --model, or from 'clusterformer convert')")
     parser.add_argument("--format", required=True, metavar="{" + ",".join(FORMATS) + "}", help="output format")
-    parser.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2)")
+    parser.add_argument("--out", required=True, help="output file (.onnx, .pt, .pt2); an existing one is refused")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
         "--img-size",
         type=_size,
@@ -302,10 +307,11 @@ def _export(args: argparse.Namespace) -> int:
             raise ExportError(f"unsupported format {args.format!r}; expected one of {', '.join(FORMATS)}")
         if args.onnx_exporter not in ONNX_EXPORTERS:
             raise ExportError(f"unknown --onnx-exporter {args.onnx_exporter!r}; expected {' or '.join(ONNX_EXPORTERS)}")
+        check_output_file(args.out, args.overwrite)  # before the model is loaded
         model = _load_for_export(args)
         report = export_model(
             model, args.format, args.out, args.img_size or ((224, 224), (256, 320)), args.opset,
-            onnx_exporter=args.onnx_exporter, verify=not args.no_verify,
+            onnx_exporter=args.onnx_exporter, verify=not args.no_verify, overwrite=args.overwrite,
         )  # fmt: skip
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer export: error: {error}", file=sys.stderr)

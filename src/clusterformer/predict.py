@@ -12,7 +12,9 @@ on image files and write a picture of every prediction and the standard result f
 * semantic: ``labels/<name>.png``, label maps at the image's size, in the checkpoint data's convention;
 * panoptic: ``panoptic.json`` and ``panoptic/<name>.png``, the COCO panoptic format.
 
-Details and decisions: ``docs/predict_explain.md``.
+A non-empty ``OUT`` is refused unless ``overwrite`` (``--overwrite``), which first deletes the previous results
+(:data:`OUTPUTS`, whatever the task that wrote them), so that no overlay of an earlier run stays beside the new
+results; other files are kept. Details and decisions: ``docs/predict_explain.md``.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from PIL import Image
 
 from . import pictures
 from .data.images import ImageReadError, load_rgb
-from .outputs import atomic_path, save_png, write_json
+from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 DEFAULT_SCORE_THRESHOLD = 0.5  # detection / instance overlays
+# what predict writes into its folder, for every task: the previous results that --overwrite deletes
+OUTPUTS = ("overlays", "labels", "panoptic", "predictions.json", "results.json", "images.json", "panoptic.json",
+           "summary.json")  # fmt: skip
 
 
 class PredictError(ValueError):
@@ -404,17 +409,21 @@ def run_predict(
     class_names: Sequence[str] | None = None,
     id_file: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Predict every image of ``inputs`` (files and folders) with the ``task`` checkpoint and write the outputs
     to ``out`` (see the module docstring). An unreadable image is skipped with a warning. Returns the summary
     (also written to ``out/summary.json``). Bad inputs raise :class:`PredictError` (or ``ValueError`` /
-    ``OSError`` from the checkpoint loader) before anything is written."""
+    ``OSError`` from the checkpoint loader) before anything is written; so does a non-empty ``out`` without
+    ``overwrite`` (an :class:`~clusterformer.outputs.OutputExistsError`). With ``overwrite``, the previous results
+    in ``out`` are deleted once the inputs and the checkpoint have been checked."""
     from tqdm import tqdm
 
     if task not in TASKS:
         raise PredictError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if batch_size < 1 or top_k < 1:
         raise PredictError(f"--batch-size and --top-k must be at least 1, got {batch_size} and {top_k}")
+    out = check_output_folder(out, overwrite)
     paths = collect_images(inputs)
     ids = image_ids(paths, id_file)
     model = load_task_model(task, checkpoint, class_names)
@@ -426,7 +435,7 @@ def run_predict(
     if task == "panoptic" and score_threshold is not None:  # the mask-wise merging's threshold
         model.module.hparams.score_threshold = score_threshold
     transform = eval_transform(model, size)
-    out = Path(out)
+    remove_outputs(out, OUTPUTS)  # only with overwrite can the folder hold anything
     out.mkdir(parents=True, exist_ok=True)
     writer = WRITERS[task](out, model, score_threshold)
     items = [Item(p, n, i) for p, n, i in zip(paths, output_names(paths), ids, strict=True)]
@@ -472,7 +481,13 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of a model trained for --task")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (empty or new, unless --overwrite)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out: the previous results there (overlays/, labels/, panoptic/, the JSON "
+        "files) are deleted first; other files are kept",
+    )
     parser.add_argument(
         "--score-threshold",
         type=float,
@@ -500,6 +515,7 @@ def _predict(args: argparse.Namespace) -> int:
         summary = run_predict(
             args.task, args.ckpt, args.inputs, args.out, score_threshold=args.score_threshold, device=args.device,
             batch_size=args.batch_size, top_k=args.top_k, size=args.size, class_names=names, id_file=args.image_ids,
+            overwrite=args.overwrite,
         )  # fmt: skip
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer predict: error: {error}", file=sys.stderr)

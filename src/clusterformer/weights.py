@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .outputs import atomic_path, json_safe
+from .outputs import atomic_path, check_output_file, json_safe
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 TASK_KEY = "clusterformer_task"  # written by every task's on_save_checkpoint
@@ -198,15 +198,21 @@ def _prefix(out: str | Path) -> Path:
     return out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
 
 
-def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = False) -> tuple[Path, Path]:
+def convert_checkpoint(
+    ckpt: str | Path, out: str | Path, backbone_only: bool = False, overwrite: bool = False
+) -> tuple[Path, Path]:
     """Write the model of a task checkpoint as ``OUT.safetensors`` and ``OUT.json`` (``out`` is the prefix; a
-    ``.safetensors`` or ``.json`` suffix is dropped). Returns the two paths.
+    ``.safetensors`` or ``.json`` suffix is dropped). Returns the two paths. When either file exists, an
+    :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``.
 
     ``backbone_only`` keeps only the encoder (keys without ``backbone.``; for a classifier, the model without its
     head) to initialise another task's backbone.
     """
     from safetensors.torch import save_file
 
+    weights, info = output_paths(out)
+    for path in (weights, info):
+        check_output_file(path, overwrite)
     task, module = task_from_checkpoint(ckpt)
     hparams = dict(module.hparams)
     model = module.model
@@ -233,8 +239,6 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = 
         "task_class": f"{type(module).__module__}.{type(module).__qualname__}",
         "hyper_parameters": json_safe(rebuild_kwargs(hparams)),
     }
-    prefix = _prefix(out)
-    weights, info = prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
     description["weights"] = weights.name
     metadata = {"format": "pt", "task": task, "model": name, "num_classes": str(num_classes)}
     with atomic_path(weights) as tmp:
@@ -242,6 +246,13 @@ def convert_checkpoint(ckpt: str | Path, out: str | Path, backbone_only: bool = 
     with atomic_path(info) as tmp:
         tmp.write_text(json.dumps(description, indent=2) + "\n")
     return weights, info
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path]:
+    """``PREFIX.safetensors`` and ``PREFIX.json`` of an output prefix (a ``.safetensors`` or ``.json`` suffix is
+    dropped)."""
+    prefix = _prefix(out)
+    return prefix.with_name(prefix.name + ".safetensors"), prefix.with_name(prefix.name + ".json")
 
 
 def read_description(path: str | Path) -> tuple[dict, Path]:
@@ -341,13 +352,14 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of a task")
     parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.safetensors and PREFIX.json")
     parser.add_argument("--backbone-only", action="store_true", help="write only the encoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.safetensors / PREFIX.json")
     parser.set_defaults(func=_convert)
     return parser
 
 
 def _convert(args: argparse.Namespace) -> int:
     try:
-        weights, info = convert_checkpoint(args.ckpt, args.out, args.backbone_only)
+        weights, info = convert_checkpoint(args.ckpt, args.out, args.backbone_only, overwrite=args.overwrite)
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer convert: error: {error}", file=sys.stderr)
         return 2

@@ -13,7 +13,8 @@ annotated as a single ``iscrowd`` region. The same scenes are written as
 * ``semantic/{split}/NNNNNN.png``: ADE20K-style label maps (0 = unlabelled, 1..C the categories
   in the order of ``CATEGORIES``);
 * ``imagefolder/{split}/{class}/...png``: crops of the single, mostly visible things, for
-  classification.
+  classification;
+* ``shapes.json``: the options (seed, counts, size) and the list of files written.
 
 Generation is deterministic: the same seed, counts and size give byte-identical files.
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..outputs import remove_outputs, write_json
 
 THINGS = ("circle", "square", "triangle", "star")
 STUFF = ("sky", "ground", "water")
@@ -168,6 +171,70 @@ def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
     return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
 
 
+MANIFEST = "shapes.json"
+MANIFEST_FORMAT = "clusterformer-shapes"
+# the entries of a dataset folder that make_shapes writes (and removes to replace a dataset)
+DATASET_ENTRIES = ("images", "annotations", "semantic", "imagefolder", "README.txt", MANIFEST)
+README_START = 'The embedded "shapes" scene dataset'  # README.txt of datasets written before the manifest
+
+
+class ShapesFolderError(FileExistsError):
+    """An output folder that holds another dataset; the message names the folder and how to go on."""
+
+
+def _describe(options: dict) -> str:
+    return (f"seed {options.get('seed')}, {options.get('num_train')} train + {options.get('num_val')} val images of "
+            f"{options.get('size')} px")  # fmt: skip
+
+
+def check_shapes_folder(out: str | Path, options: dict, overwrite: bool = False) -> bool:
+    """Whether ``out`` may receive the dataset of ``options`` (seed, num_train, num_val, size); returns whether
+    a dataset is there already (to be replaced). A :class:`ShapesFolderError` when the folder holds a dataset of
+    other options (or one written before the manifest existed) and ``overwrite`` is false, or dataset-like
+    entries (``images/``, ``annotations/``, ...) that make_shapes did not write. Other files do not matter."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ShapesFolderError(f"{out}: is a file; the output is a folder")
+    present = [name for name in DATASET_ENTRIES if (out / name).exists()]
+    if not present:
+        return False
+    manifest = out / MANIFEST
+    readme = out / "README.txt"
+    try:
+        found = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        found = None
+    if isinstance(found, dict) and found.get("format") == MANIFEST_FORMAT:
+        if found.get("options") == options or overwrite:
+            return True
+        state = "" if found.get("complete") else ", incomplete"
+        raise ShapesFolderError(
+            f"{out}: holds another shapes dataset ({_describe(found.get('options') or {})}{state}; asked for "
+            f"{_describe(options)}); pass --overwrite to replace it, or choose another folder"
+        )
+    try:
+        earlier = readme.is_file() and readme.read_text().startswith(README_START)
+    except (OSError, UnicodeDecodeError):
+        earlier = False
+    if earlier:
+        if overwrite:
+            return True
+        raise ShapesFolderError(
+            f"{out}: holds a shapes dataset without {MANIFEST} (written by an earlier version; its options are "
+            "unknown); pass --overwrite to replace it, or choose another folder"
+        )
+    names = ", ".join(name + "/" * (out / name).is_dir() for name in present)
+    raise ShapesFolderError(f"{out}: holds {names} that make-shapes did not write (no {MANIFEST}); choose another "
+                            "folder")  # fmt: skip
+
+
+def _write_manifest(out: Path, options: dict, files: list[str] | None) -> None:
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "options": options, "complete": files is not None}
+    if files is not None:
+        manifest["files"] = files
+    write_json(out / MANIFEST, manifest, indent=None)
+
+
 def write_split(
     out: Path, split: str, count: int, size: int, seed: int, stream: np.random.SeedSequence, progress: bool = True
 ) -> dict:
@@ -228,14 +295,29 @@ def write_split(
 
 
 def make_shapes(
-    out: str | Path, seed: int = 0, num_train: int = 1000, num_val: int = 200, size: int = 128, progress: bool = True
+    out: str | Path,
+    seed: int = 0,
+    num_train: int = 1000,
+    num_val: int = 200,
+    size: int = 128,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
-    """Write the train and val splits of the shapes dataset to ``out``; returns what was written."""
+    """Write the train and val splits of the shapes dataset to ``out``; returns what was written.
+
+    The folder then holds exactly the files of a fresh one (other files than the dataset's are left alone): a
+    dataset already there with the same options is written again (the same bytes), one with other options is a
+    :class:`ShapesFolderError` unless ``overwrite``, which removes it first (see :func:`check_shapes_folder`)."""
     out = Path(out)
     if size < 32:
         raise ValueError(f"--size must be at least 32 pixels, got {size}")
     if num_train < 1 or num_val < 1:
         raise ValueError("--num-train and --num-val must be at least 1")
+    options = {"seed": seed, "num_train": num_train, "num_val": num_val, "size": size}
+    if check_shapes_folder(out, options, overwrite):
+        remove_outputs(out, DATASET_ENTRIES)  # nothing of the earlier dataset stays: no stale crop or PNG
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, options, None)  # first: an interrupted run is known by its options
     # the two splits draw from independent streams derived from the seed
     train_stream, val_stream = np.random.SeedSequence(seed).spawn(2)
     written = {
@@ -243,4 +325,12 @@ def make_shapes(
         "val": write_split(out, "val", num_val, size, seed, val_stream, progress),
     }
     (out / "README.txt").write_text(__doc__.strip() + "\n\nCategories: " + json.dumps(CATEGORIES) + "\n")
+    files = sorted(
+        path.relative_to(out).as_posix()
+        for name in DATASET_ENTRIES
+        if name != MANIFEST
+        for path in ([out / name] if (out / name).is_file() else (out / name).rglob("*"))
+        if path.is_file()
+    )
+    _write_manifest(out, options, files)
     return written
