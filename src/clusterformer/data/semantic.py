@@ -12,7 +12,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from .images import ImageReadError, load_rgb
 
-IGNORE_INDEX = 255
+IGNORE_INDEX = 255  # void in semantic label maps: the one definition (losses and metrics import it)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 

@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from clusterformer.data.semantic import IGNORE_INDEX  # void in semantic maps
 from clusterformer.matching import point_sample
 
 __all__ = ["IGNORE_INDEX", "dice_loss", "point_sample", "sample_at_centres", "sigmoid_ce_loss", "uncertainty_points"]
-
-IGNORE_INDEX = 255  # void in semantic maps
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, num_masks: float | torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-IGNORE_INDEX = 255
+from ..data.semantic import IGNORE_INDEX  # one void label for the data, the losses and the metrics
 
 
 def _as_integer(values, what: str):
