@@ -226,6 +226,43 @@ def _require(outputs: dict, targets: list[dict], key: str) -> None:
         raise KeyError(f"SetCriterion: the {key!r} loss needs targets[i][{key!r}]; missing for images {missing}")
 
 
+def _matched_criterion(
+    num_classes: int,
+    losses: tuple[str, ...],
+    class_weight: float,
+    bbox_weight: float = 0.0,
+    giou_weight: float = 0.0,
+    mask_weight: float = 0.0,
+    dice_weight: float = 0.0,
+    num_points: int = 12544,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
+) -> SetCriterion:
+    """A ``SetCriterion`` on ``losses`` whose weights are also the matcher's costs (a term left out costs 0)."""
+    boxes, masks = "boxes" in losses, "masks" in losses
+    matcher = HungarianMatcher(
+        cost_class=class_weight,
+        cost_bbox=bbox_weight if boxes else 0.0,
+        cost_giou=giou_weight if boxes else 0.0,
+        cost_mask=mask_weight if masks else 0.0,
+        cost_dice=dice_weight if masks else 0.0,
+        num_points=num_points,
+        focal_alpha=focal_alpha,
+        focal_gamma=focal_gamma,
+    )
+    weights = {"loss_class": class_weight}
+    if boxes:
+        weights |= {"loss_bbox": bbox_weight, "loss_giou": giou_weight}
+    if masks:
+        weights |= {"loss_mask": mask_weight, "loss_dice": dice_weight}
+    return SetCriterion(
+        num_classes, matcher, weights, losses=losses, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+        num_points=num_points, oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio,
+    )  # fmt: skip
+
+
 def detection_criterion(
     num_classes: int,
     *,
@@ -236,19 +273,10 @@ def detection_criterion(
     focal_gamma: float = 2.0,
 ) -> SetCriterion:
     """Detection: focal class 2, L1 5, GIoU 2 (paper §4.1); the matcher uses the same weights as costs."""
-    matcher = HungarianMatcher(
-        cost_class=class_weight,
-        cost_bbox=bbox_weight,
-        cost_giou=giou_weight,
-        cost_mask=0.0,
-        cost_dice=0.0,
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
-    )
-    weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight}
-    return SetCriterion(
-        num_classes, matcher, weights, losses=("labels", "boxes"), focal_alpha=focal_alpha, focal_gamma=focal_gamma
-    )
+    return _matched_criterion(
+        num_classes, ("labels", "boxes"), class_weight, bbox_weight=bbox_weight, giou_weight=giou_weight,
+        focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+    )  # fmt: skip
 
 
 def instance_criterion(
@@ -265,28 +293,11 @@ def instance_criterion(
 ) -> SetCriterion:
     """Instance segmentation: focal class 2, point-sampled BCE 5 and dice 5 (Mask2Former); the matcher uses
     the same weights as costs on ``num_points`` uniform points."""
-    matcher = HungarianMatcher(
-        cost_class=class_weight,
-        cost_bbox=0.0,
-        cost_giou=0.0,
-        cost_mask=mask_weight,
-        cost_dice=dice_weight,
-        num_points=num_points,
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
-    )
-    weights = {"loss_class": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-    return SetCriterion(
-        num_classes,
-        matcher,
-        weights,
-        losses=("labels", "masks"),
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
-        num_points=num_points,
-        oversample_ratio=oversample_ratio,
-        importance_sample_ratio=importance_sample_ratio,
-    )
+    return _matched_criterion(
+        num_classes, ("labels", "masks"), class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
+        num_points=num_points, oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio,
+        focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+    )  # fmt: skip
 
 
 def joint_criterion(
@@ -305,26 +316,7 @@ def joint_criterion(
 ) -> SetCriterion:
     """Boxes and masks together (an instance model that also regresses boxes): the detection and instance
     weights, used as losses and as matching costs."""
-    matcher = HungarianMatcher(
-        cost_class=class_weight,
-        cost_bbox=bbox_weight,
-        cost_giou=giou_weight,
-        cost_mask=mask_weight,
-        cost_dice=dice_weight,
-        num_points=num_points,
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
-    )
-    weights = {"loss_class": class_weight, "loss_bbox": bbox_weight, "loss_giou": giou_weight,
-               "loss_mask": mask_weight, "loss_dice": dice_weight}  # fmt: skip
-    return SetCriterion(
-        num_classes,
-        matcher,
-        weights,
-        losses=("labels", "boxes", "masks"),
-        focal_alpha=focal_alpha,
-        focal_gamma=focal_gamma,
-        num_points=num_points,
-        oversample_ratio=oversample_ratio,
-        importance_sample_ratio=importance_sample_ratio,
-    )
+    return _matched_criterion(
+        num_classes, ("labels", "boxes", "masks"), class_weight, bbox_weight, giou_weight, mask_weight, dice_weight,
+        num_points, oversample_ratio, importance_sample_ratio, focal_alpha, focal_gamma,
+    )  # fmt: skip
