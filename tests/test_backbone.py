@@ -79,7 +79,7 @@ def test_chunking_of_slices_does_not_change_outputs_or_gradients(monkeypatch):
 
 @pytest.mark.parametrize(
     "name, expected, tol",
-    [("clusterformer_tiny", 27.85e6, 0.01), ("clusterformer_small", 48.71e6, 0.01)],
+    [("clusterformer_tiny", 27.85e6, 0.005), ("clusterformer_small", 48.71e6, 0.005)],
 )
 def test_paper_parameter_counts(name, expected, tol):
     count = n_params(timm.create_model(name))  # with the 1000-class head, as in Table 1
@@ -122,7 +122,10 @@ def test_tiny_forward_backward(size):
     assert logits.shape == (2, 1000)
     logits.logsumexp(-1).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing, missing
+    # the center head: only the last block's dispatching and MLP and the token norm do not reach the logits
+    assert missing == model.parameters_unused_by_head()
+    assert missing and all(n.startswith(("stages.3.blocks.1.dispatch", "stages.3.blocks.1.norm2",
+                                         "stages.3.blocks.1.mlp", "norm.")) for n in missing)  # fmt: skip
 
 
 VARIANTS = [

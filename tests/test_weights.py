@@ -17,6 +17,7 @@ from clusterformer.weights import (
     CheckpointError,
     convert_checkpoint,
     load_checkpoint,
+    load_timm_weights,
     load_weights,
     task_from_checkpoint,
 )
@@ -317,6 +318,39 @@ def test_em_checkpoints_saved_without_a_temperature_keep_temperature_one(kind, t
         expected, rebuilt, loaded = expected["logits"], rebuilt["logits"], loaded["logits"]
     torch.testing.assert_close(rebuilt, expected, rtol=0, atol=0)
     torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
+
+
+def test_classifiers_from_before_the_center_head_keep_their_token_head(tmp_path):
+    """A classifier written when the head read the tokens (a ``head.weight`` but no ``head_norm``, no ``head`` in
+    its settings) is rebuilt with head="tokens" and computes what it did: through the checkpoint, a converted
+    weight pair and the plain safetensors file (``load_timm_weights``)."""
+    torch.manual_seed(0)
+    old = ClassificationTask(model="clusterformer_nano", num_classes=3, model_kwargs={"head": "tokens"})
+    save_lightning_checkpoint(old, tmp_path / "old.ckpt")
+    checkpoint = load_checkpoint(tmp_path / "old.ckpt")
+    checkpoint["hyper_parameters"]["model_kwargs"] = None  # as written then: no head setting
+    assert "model.head.weight" in checkpoint["state_dict"]
+    assert not any(key.startswith("model.head_norm") for key in checkpoint["state_dict"])
+    torch.save(checkpoint, tmp_path / "stripped.ckpt")
+    _, module = task_from_checkpoint(tmp_path / "stripped.ckpt")
+    weights, info = convert_checkpoint(tmp_path / "stripped.ckpt", tmp_path / "old")
+    description = json.loads(info.read_text())
+    assert not (description["hyper_parameters"].get("model_kwargs") or {}).get("head")
+    converted = load_weights(weights)
+    from safetensors.torch import save_file
+
+    state = {k[len("model.") :]: v.contiguous() for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    save_file(state, tmp_path / "plain.safetensors")
+    plain = load_timm_weights("clusterformer_nano", tmp_path / "plain.safetensors")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = old.eval()(images)
+        for model in (module.model, converted, plain):
+            assert model.head_source == "tokens"
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=0)
+    # the default (center) head refuses the old file's state: its head_norm is missing
+    with pytest.raises(RuntimeError, match="head_norm"):
+        timm.create_model("clusterformer_nano", num_classes=3).load_state_dict(state)
 
 
 def test_convert_refuses_existing_files_unless_overwrite(classifier_ckpt, tmp_path, capsys):

@@ -34,6 +34,8 @@ from .layers.dispatching import NEEDS_ASSIGNMENTS
 __all__ = ["ClusterFormer", "ClusterBlock"]
 
 DEFAULT_HEAD_DIM = 32
+HEADS = ("centers", "tokens")  # what the classifier reads (ClusterFormer's ``head``)
+CLASSIFIER_KEYS = ("head.", "head_norm.")  # the state-dict keys of the classifier, not of the encoder
 
 
 class CoordPatchEmbed(nn.Module):
@@ -157,14 +159,16 @@ class ClusterBlock(nn.Module):
         out = self.mlp(self.norm2(x))
         return out if self.gamma2 is None else self.gamma2 * out
 
-    def forward(self, x: torch.Tensor, return_clusters: bool = False):
+    def forward(self, x: torch.Tensor, return_clusters: bool = False, centers_only: bool = False):
         """``x (B, H, W, C)`` -> same shape.
 
         With ``return_clusters`` also returns the updated centers ``(B, heads, K, d)`` and the last
         E-step's assignment maps ``(B, heads, K, H, W)`` (``None`` if the centers are not updated).
+        With ``centers_only`` returns only the updated centers: no dispatching, no channel MLP (the
+        classification head that reads the centers of the encoder's last block).
         """
-        dispatching = self.dispatch.mode != "none"
-        if not (dispatching or return_clusters):  # nothing computed below would reach the output
+        dispatching = self.dispatch.mode != "none" and not centers_only
+        if not (dispatching or return_clusters or centers_only):  # nothing computed below would reach the output
             return x + self.drop_path(self._mlp(x))
         b, h, w, c = x.shape
         n, heads, k, d = h * w, self.num_heads, self.num_centers, self.head_dim
@@ -187,6 +191,8 @@ class ClusterBlock(nn.Module):
             chunk_centers, chunk_assign = self.clustering(chunk_centers, chunk_keys, chunk_values, (h, w))
             chunk_received = self.dispatch.aggregate(chunk_centers, chunk_values, chunk_assign) if dispatching else None
             chunks.append((chunk_centers, chunk_assign, chunk_received))
+        if centers_only:
+            return _cat([chunk[0] for chunk in chunks]).view(b, heads, d, k).transpose(2, 3)
         if dispatching:
             received = _cat([chunk[2] for chunk in chunks])  # (B * heads, N, d)
             received = received.view(b, heads, n, d).transpose(1, 2).reshape(b, h, w, heads * d)
@@ -227,6 +233,11 @@ class ClusterFormer(nn.Module):
         in_chans: image channels.
         num_classes: classes of the head (0 for none).
         global_pool: ``'avg'`` or ``''``.
+        head: what the classifier reads. ``"centers"`` (default; paper §3.3, "a single-layer MLP takes the
+            cluster centers"): the updated centers of the last block ``(B, K, heads * d)`` -> ``head_norm`` ->
+            average over the K clusters -> one Linear; the last block's dispatching and channel MLP and the
+            token norm ``norm`` then do not reach the logits (:meth:`parameters_unused_by_head`; the dense
+            tasks read them). ``"tokens"``: the last stage's tokens -> ``norm`` -> average -> Linear.
         embed_dims, depths: per stage.
         num_heads: per stage; default ``dim // 32`` (3/6/12/24 for the paper's widths), kept fixed when
             ``head_dim`` changes, as in Table 6d.
@@ -267,10 +278,13 @@ class ClusterFormer(nn.Module):
         drop_path_rate: float = 0.0,
         layer_scale: float | None = None,
         norm_layer: type[nn.Module] | None = None,
+        head: str = "centers",
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
         if not (len(embed_dims) == len(depths) == len(mlp_ratios)):
             raise ValueError("embed_dims, depths and mlp_ratios need one entry per stage")
         if num_heads is None:
@@ -283,7 +297,9 @@ class ClusterFormer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dims = tuple(embed_dims)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.head_source = head
+        self.center_dim = num_heads[-1] * head_dim  # width of the last block's centers
+        self._norm_layer = norm_layer
         self.output_fmt = "NHWC"
         self.center_grid = tuple(center_grid)
 
@@ -318,9 +334,9 @@ class ClusterFormer(nn.Module):
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
             in_dim = dim
         self.stages = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
+        self.norm = norm_layer(embed_dims[-1])  # the last stage's tokens (token head, dense features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._build_head(num_classes)
         self.apply(self._init_weights)
         for module in self.modules():
             if isinstance(module, RecurrentClustering):
@@ -361,13 +377,56 @@ class ClusterFormer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
+    def _build_head(self, num_classes: int) -> None:
+        """The classifier; the center head's norm exists only with a classifier (``num_classes > 0``), so that a
+        backbone without one (the dense tasks', ``num_classes=0``) has no parameter that nothing reads."""
+        reads_centers = self.head_source == "centers" and num_classes > 0
+        width = self.center_dim if reads_centers else self.embed_dims[len(self.stages) - 1]
+        self.num_features = self.head_hidden_size = width
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+        if not reads_centers:
+            self.head_norm = nn.Identity()
+        elif isinstance(getattr(self, "head_norm", nn.Identity()), nn.Identity):  # kept when the classes change
+            self.head_norm = self._norm_layer(self.center_dim)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             if global_pool not in ("avg", ""):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._build_head(num_classes)
+        if isinstance(self.head, nn.Linear):
+            self._init_weights(self.head)
+
+    @torch.jit.ignore
+    def parameters_unused_by_head(self) -> list[str]:
+        """Names of the parameters that :meth:`forward` (the classifier) does not reach: with the center head, the
+        token norm and the last block's dispatching and channel MLP; with ``dispatch="none"`` (or the BASELINE),
+        the clustering of every block whose centers are not read. The dense tasks read all of them; a
+        classification task freezes them (DDP needs every trained parameter to get a gradient)."""
+        unused = []
+        last = self.stages[-1].blocks[-1]
+        for name, module in self.named_modules():
+            if not isinstance(module, ClusterBlock):
+                continue
+            read_centers = self.head_source == "centers" and module is last
+            parts = []
+            if module.dispatch.mode == "none" and not read_centers:
+                parts += ["norm1", "center_init", "clustering", "dispatch", "gamma1"]
+            if read_centers:
+                parts += ["dispatch", "gamma1", "norm2", "mlp", "gamma2"]
+                if module.clustering.update == "none":  # the centers stay C0: the projections are not read
+                    parts += ["clustering"]
+            for part in dict.fromkeys(parts):
+                child = getattr(module, part)
+                if isinstance(child, nn.Parameter):
+                    unused.append(f"{name}.{part}")
+                elif isinstance(child, nn.Module):
+                    unused += [f"{name}.{part}.{p}" for p, _ in child.named_parameters()]
+        if self.head_source == "centers" and self.num_classes > 0:
+            unused += [f"norm.{p}" for p, _ in self.norm.named_parameters()]
+        return [name for name, _ in self.named_parameters() if name in set(unused)]  # in the model's order
 
     def forward_intermediates(
         self,
@@ -393,15 +452,26 @@ class ClusterFormer(nn.Module):
         x = self.stem(x)
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        reads_centers = not isinstance(self.head_norm, nn.Identity)
         for i, stage in enumerate(stages):
-            x = stage(x)
+            if i == last and reads_centers:  # the last block's centers too, for what the head reads
+                x = stage.downsample(x)
+                for block in stage.blocks[:-1]:
+                    x = block(x)
+                x, centers, _ = stage.blocks[-1](x, return_clusters=True)
+            else:
+                x = stage(x)
             if i in take_indices:
                 out = self.norm(x) if norm and i == last else x
                 intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
         if intermediates_only:
             return intermediates
         if len(stages) - 1 == last:
-            x = self.norm(x)
+            if reads_centers:
+                b, heads, k, d = centers.shape
+                x = self.head_norm(centers.transpose(1, 2).reshape(b, k, heads * d))
+            else:
+                x = self.norm(x)
         return x, intermediates
 
     def prune_intermediate_layers(
@@ -419,13 +489,32 @@ class ClusterFormer(nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    def _last_centers(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages up to the last block, whose updated centers are returned as ``(B, K, heads * d)``."""
+        x = self.stem(x)
+        for stage in self.stages[:-1]:
+            x = stage(x)
+        stage = self.stages[-1]
+        x = stage.downsample(x)
+        for block in stage.blocks[:-1]:
+            if stage.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        centers = stage.blocks[-1](x, centers_only=True)
+        b, heads, k, d = centers.shape
+        return centers.transpose(1, 2).reshape(b, k, heads * d)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> normalised last-stage tokens ``(B, H/32, W/32, C)``."""
-        return self.norm(self.stages(self.stem(x)))
+        """``(B, 3, H, W)`` -> what the head reads: the normalised centers of the last block ``(B, K, heads * d)``
+        (center head with a classifier), else the normalised last-stage tokens ``(B, H/32, W/32, C)``."""
+        if isinstance(self.head_norm, nn.Identity):
+            return self.norm(self.stages(self.stem(x)))
+        return self.head_norm(self._last_centers(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
+            x = x.mean(dim=tuple(range(1, x.ndim - 1)))  # over the clusters (B, K, C) or the tokens (B, H, W, C)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 

@@ -198,8 +198,12 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
 
 
 def _load_encoder(task, encoder_state: dict | None) -> None:
+    from .backbone import CLASSIFIER_KEYS
+
     if encoder_state is not None:  # the classifier's encoder, without its classification head
-        task.model.backbone.load_state_dict({k: v for k, v in encoder_state.items() if not k.startswith("head.")})
+        task.model.backbone.load_state_dict(
+            {k: v for k, v in encoder_state.items() if not k.startswith(CLASSIFIER_KEYS)}
+        )
 
 
 def run_sets(

@@ -170,9 +170,26 @@ def task_from_checkpoint(path: str | Path, task: str | None = None):
     if task is not None and found != task:
         raise CheckpointError(f"{path}: a {found} checkpoint, not {task}")
     state = checkpoint["state_dict"]
-    module = build_task(found, literal_m_step_settings(found, checkpoint["hyper_parameters"], state), path)
+    module = build_task(found, older_weights_settings(found, checkpoint["hyper_parameters"], state), path)
     _load_state(module, state, path, f"{found} model")
     return found, module.eval()
+
+
+def older_weights_settings(task: str, hparams: dict, state: dict) -> dict:
+    """The hyperparameters that rebuild the model of weights written before a default changed:
+    :func:`literal_m_step_settings`, then :func:`token_head_settings`."""
+    return token_head_settings(task, literal_m_step_settings(task, hparams, state), state)
+
+
+def token_head_settings(task: str, hparams: dict, state: dict) -> dict:
+    """The hyperparameters of a classifier written before the classification head read the cluster centers: its
+    state has a classifier (``head.weight``) but no ``head_norm``, so it is rebuilt with ``head="tokens"``, unless
+    its settings name a head."""
+    if task != "classification" or "head.weight" not in state or "head_norm.weight" in state:
+        return hparams
+    hparams = dict(hparams)
+    hparams["model_kwargs"] = {"head": "tokens", **(hparams.get("model_kwargs") or {})}
+    return hparams
 
 
 def literal_m_step_settings(task: str, hparams: dict, state: dict) -> dict:
@@ -223,7 +240,9 @@ def convert_checkpoint(
         name = hparams["backbone"]
         encoder = model.backbone
     if backbone_only:
-        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
+        from .backbone import CLASSIFIER_KEYS
+
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith(CLASSIFIER_KEYS)}
         num_classes = 0
     else:
         state = model.state_dict()
@@ -296,7 +315,7 @@ def load_weights(path: str | Path) -> nn.Module:
 
     description, weights = read_description(path)
     state = _read_safetensors(weights)
-    hparams = literal_m_step_settings(description["task"], description.get("hyper_parameters") or {}, state)
+    hparams = older_weights_settings(description["task"], description.get("hyper_parameters") or {}, state)
     if description["task"] == "classification" or description.get("backbone_only"):
         key = "model_kwargs" if description["task"] == "classification" else "backbone_kwargs"
         options = rebuild_kwargs(hparams).get(key) or {}
@@ -324,10 +343,14 @@ def load_timm_weights(name: str, weights: str | Path, num_classes: int | None = 
     num_classes = found if num_classes is None else num_classes
     if num_classes != found:
         raise CheckpointError(f"{path}: the weights have {found} classes, not --num-classes {num_classes}")
+    # a classifier written before the head read the cluster centers (no head_norm): the token head
+    options = (
+        {"head": "tokens"} if found and "head_norm.weight" not in state and name.startswith("clusterformer") else {}
+    )
     try:
         model = timm.create_model(
             name, pretrained=True, num_classes=num_classes, pretrained_strict=True,
-            pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
+            pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes), **options,
         )  # fmt: skip
     except RuntimeError as error:
         detail = " ".join(str(error).split())

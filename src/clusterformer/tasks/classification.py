@@ -55,6 +55,12 @@ class ClassificationTask(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model = timm.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
+        # parameters the classifier does not reach (ClusterFormer's center head: the last block's dispatching and
+        # MLP, the token norm) are frozen: they would get no gradient, which DDP refuses; the dense tasks train them
+        unused = set(getattr(self.model, "parameters_unused_by_head", list)())
+        for name, parameter in self.model.named_parameters():
+            if name in unused:
+                parameter.requires_grad_(False)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top_k = min(5, num_classes)
         self.metrics = nn.ModuleDict(
