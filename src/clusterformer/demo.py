@@ -22,7 +22,7 @@ PRESETS = {
     # images per split, scene size, epochs per task
     "full": dict(num_train=1000, num_val=200, size=96, epochs=9, detection_epochs=5, set_epochs=5, semantic_epochs=3,
                  panoptic_epochs=4),
-    "quick": dict(num_train=300, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
+    "quick": dict(num_train=400, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
                   panoptic_epochs=3),
 }  # fmt: skip
 STAGES = 6
