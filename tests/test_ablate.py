@@ -9,6 +9,7 @@ import torch
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 from clusterformer.ablate import ADOPTED, TABLES, build_row, check_table, count_parameters, run_ablation
+from clusterformer.checkpoint_io import AtomicCheckpointIO
 from clusterformer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,7 +164,14 @@ def test_table_6a_runs_end_to_end(shapes, tmp_path):
     assert all((Path(d) / "checkpoints" / "last.ckpt").stat().st_mtime_ns == t for d, t in checkpoints.items())
 
 
-def test_table_6f_runs_from_the_command_line(shapes, tmp_path):
+def test_table_6f_runs_from_the_command_line(shapes, tmp_path, monkeypatch):
+    saved, save = [], AtomicCheckpointIO.save_checkpoint
+
+    def recording(self, checkpoint, path, storage_options=None):
+        saved.append(Path(path))
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
     settings = [
         f"data.init_args.root={shapes}",
         SMALL_DECODER,
@@ -181,6 +189,10 @@ def test_table_6f_runs_from_the_command_line(shapes, tmp_path):
     for row in rows[:1] + rows[4:]:
         assert set(row["metrics"]) == {"mAP", "AP50", "AP75"}
         assert all(0 <= value <= 1 for value in row["metrics"].values())
+    for row in rows[:1] + rows[4:]:  # every checkpoint of the rows' trainers written atomically, as by `fit`
+        written = sorted(path for path in (Path(row["dir"]) / "checkpoints").iterdir())
+        assert Path(row["dir"]) / "checkpoints" / "last.ckpt" in written
+        assert all(path in saved for path in written)
     markdown = (tmp_path / "table_6f.md").read_text()
     assert "| Mixed Query Selection [44]§ | — | — | — |" in markdown
     assert "§ not reproduced" in markdown and "not COCO numbers" in markdown

@@ -198,10 +198,13 @@ def build_row(
     The config is parsed by ``LightningCLI`` exactly as ``clusterformer fit --config config`` would (classes,
     types, defaults), with ``config_overrides`` (``"KEY=VALUE"``, e.g. ``"data.init_args.root=..."``) and the
     trainer limits on top, then the row's overrides are merged into the task's options, the seed is set to
-    ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``.
+    ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``. The trainer
+    writes its checkpoints as ``fit`` does (:func:`~clusterformer.checkpoint_io.use_atomic_checkpoints`).
     """
     from lightning import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    from .checkpoint_io import use_atomic_checkpoints
 
     table = check_table(table)
     label, overrides = TABLES[table][row]
@@ -246,6 +249,7 @@ def build_row(
         if str(config_path) in str(error):
             raise
         raise ValueError(f"{config_path}: {error}") from error
+    use_atomic_checkpoints(cli.trainer)  # as `clusterformer fit`: whole checkpoints, one file per step
     return cli.model, cli.datamodule, cli.trainer
 
 
