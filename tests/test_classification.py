@@ -106,3 +106,16 @@ def test_missing_training_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="training folder not found") as info:
         ImageFolderData(str(tmp_path / "nowhere"))
     assert str(tmp_path / "nowhere" / "train") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(randaugment="original-mstd0.5"), "randaugment='original-mstd0.5'"),
+        (dict(interpolation="cubic"), "interpolation='cubic'"),
+        (dict(random_erasing_mode="noise"), "random_erasing_mode='noise'"),
+    ],
+)
+def test_bad_transform_options_are_refused_when_the_data_is_built(crops, options, message):
+    with pytest.raises(ValueError, match=message):
+        ImageFolderData(str(crops), num_workers=0, **options)

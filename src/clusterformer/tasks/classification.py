@@ -132,7 +132,10 @@ class ImageFolderData(L.LightningDataModule):
         train_dir, val_dir, test_dir: sub-folders (``test_dir`` defaults to ``val_dir``).
         img_size: training crop and test crop; ``eval_resize``: shorter side before the test crop.
         crop_scale, randaugment, random_erasing: training augmentation (RandomResizedCrop with
-            ``crop_scale`` and a horizontal flip always).
+            ``crop_scale`` and a horizontal flip always); ``randaugment`` is a timm RandAugment string
+            (``True``: ``"rand-m9-mstd0.5-inc1"``; ``False``: off), ``random_erasing`` the probability.
+        random_erasing_mode: fill of the erased rectangle (timm's ``"pixel"``, ``"rand"``, ``"const"``).
+        interpolation: of every resize (training crop, RandAugment, test resize).
         skip_unreadable: warn about and skip corrupt images instead of stopping.
     """
 
@@ -147,9 +150,11 @@ class ImageFolderData(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 4,
         crop_scale: tuple[float, float] = (0.08, 1.0),
-        randaugment: bool = True,
+        randaugment: bool | str | None = True,
         random_erasing: float = 0.25,
         skip_unreadable: bool = False,
+        random_erasing_mode: str = "pixel",
+        interpolation: str = "bicubic",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -161,6 +166,7 @@ class ImageFolderData(L.LightningDataModule):
         self.classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"{train_root}: no class folders (expected one sub-folder per class)")
+        self.train_transform(), self.eval_transform()  # bad transform settings fail here, not at the first batch
 
     @property
     def num_classes(self) -> int:
@@ -169,13 +175,20 @@ class ImageFolderData(L.LightningDataModule):
     def describe(self) -> str:
         return str(self.root / self.hparams.train_dir)
 
+    def train_transform(self):
+        h = self.hparams
+        return transforms.classification_train(
+            h.img_size, h.crop_scale, h.randaugment, h.random_erasing,
+            interpolation=h.interpolation, random_erasing_mode=h.random_erasing_mode,
+        )  # fmt: skip
+
+    def eval_transform(self):
+        h = self.hparams
+        return transforms.classification_eval(h.img_size, h.eval_resize, interpolation=h.interpolation)
+
     def _dataset(self, folder: str, train: bool) -> CheckedImageFolder:
         h = self.hparams
-        transform = (
-            transforms.classification_train(h.img_size, h.crop_scale, h.randaugment, h.random_erasing)
-            if train
-            else transforms.classification_eval(h.img_size, h.eval_resize)
-        )
+        transform = self.train_transform() if train else self.eval_transform()
         dataset = CheckedImageFolder(self.root / folder, transform, h.skip_unreadable)
         if dataset.classes != self.classes:
             raise ValueError(
