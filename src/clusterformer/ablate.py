@@ -47,9 +47,10 @@ TABLES: dict[str, Rows] = {
     ],
     # (b) the number of E/M iterations T
     "6b": [(str(t), {"iterations": t}) for t in (1, 2, 3, 4)],
-    # (c) Recurrent Cross-Attention Clustering: the center update
+    # (c) Recurrent Cross-Attention Clustering: the center update. Each comparator is the cited method
+    # (layers/comparators.py); "Cosine Similarity" is Context Cluster's clustering with its own dispatch.
     "6c": [
-        ("Cosine Similarity", {"center_update": "cosine"}),
+        ("Cosine Similarity", {"center_update": "cosine", "dispatch": "fc_similarity"}),
         ("Vanilla Cross-Attention [81]", {"center_update": "vanilla"}),
         ("Criss Cross-Attention [35]", {"center_update": "criss_cross"}),
         ("K-Means [95]", {"center_update": "kmeans"}),
@@ -253,8 +254,9 @@ def count_parameters(module: torch.nn.Module, img_size: int = 64) -> tuple[int, 
     """``(used, total)`` parameters of ``module``: ``used`` counts those that the forward pass of one
     ``(1, 3, img_size, img_size)`` image computes with (every torch operation is watched for them).
 
-    Some variants hold parameters that their forward pass never touches (the clustering of the BASELINE,
-    see ``docs/architecture.md``); ``used`` is the size of the model that the variant actually is. A gradient
+    Some variants hold parameters that their forward pass never touches (the clustering of a model without
+    dispatching, whose classifier reads the tokens; see ``docs/architecture.md``); ``used`` is the size of the
+    model that the variant actually is. A gradient
     would not do: the one-hot assignments of ``kmeans`` pass none to the projections they depend on.
     """
     names = {id(p): p.numel() for p in module.parameters()}
@@ -484,8 +486,8 @@ def markdown_table(report: dict) -> str:
         )
         notes.append(
             f"#Params counts the parameters that the forward pass computes with. {unused_mark} The module also holds "
-            f"parameters that it never touches (in all: {totals}): without dispatching the classifier never sees the "
-            "clustering, and without a center update the query projection is idle (docs/architecture.md, Variants)."
+            f"parameters that it never touches (in all: {totals}): without dispatching the classifier, which reads the "
+            "tokens, never sees the clustering (docs/architecture.md, Variants)."
         )
     if missing_mark in body:
         notes.append(
