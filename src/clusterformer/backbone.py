@@ -28,7 +28,18 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import CenterInit, FeatureDispatch, RecurrentClustering, assignment_maps, is_tracing
+from .layers import (
+    CENTER_UPDATES,
+    M_STEPS,
+    CenterInit,
+    ContextClusterUpdate,
+    CrissCrossUpdate,
+    CrossAttentionUpdate,
+    FeatureDispatch,
+    RecurrentClustering,
+    assignment_maps,
+    is_tracing,
+)
 from .layers.dispatching import NEEDS_ASSIGNMENTS
 
 __all__ = ["ClusterFormer", "ClusterBlock"]
@@ -96,7 +107,7 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ClusterBlock(nn.Module):
-    """Center initialisation -> recurrent clustering -> feature dispatching -> channel MLP.
+    """Center initialisation -> center update -> feature dispatching -> channel MLP.
 
     Args:
         dim: token channels.
@@ -104,13 +115,19 @@ class ClusterBlock(nn.Module):
         head_dim: channels per head (32 in the paper).
         mlp_ratio: hidden width of the channel MLP.
         center_grid: centers along height and width (10 x 10 = 100 in the paper).
-        iterations: E/M iterations T (3 in the paper).
-        center_update, m_step, temperature: see :class:`~clusterformer.layers.RecurrentClustering`.
+        iterations: E/M iterations T (3 in the paper) of the ``recurrent`` and ``kmeans`` updates.
+        center_update: ``recurrent``, ``kmeans`` or ``none`` (:class:`~clusterformer.layers.RecurrentClustering`,
+            with ``m_step`` and ``temperature``), or one of the methods of Table 6c, ``vanilla``, ``criss_cross``
+            and ``cosine`` (:mod:`clusterformer.layers.comparators`; one pass each, ``cosine`` pools its centers
+            instead of Eq. 5).
         dispatch: see :class:`~clusterformer.layers.FeatureDispatch`.
         hard_dispatch: top-1 mask in the dispatching similarity (Algorithm 2).
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to ``dim``.
         drop_path: stochastic depth rate.
         layer_scale: initial value of per-channel residual scales, or ``None`` for none.
+
+    Only what reaches the output is built: without a center update and without dispatching (the BASELINE of
+    Table 6a) the block is the channel MLP alone.
     """
 
     # about 2 MiB of (N, K) assignments per chunk of slices
@@ -135,22 +152,47 @@ class ClusterBlock(nn.Module):
         norm_layer=nn.LayerNorm,
     ):
         super().__init__()
+        if center_update not in CENTER_UPDATES:
+            raise ValueError(f"center update must be one of {CENTER_UPDATES}, got {center_update!r}")
         if dispatch in NEEDS_ASSIGNMENTS and center_update == "none":
             raise ValueError(f"dispatching {dispatch!r} reads the E-step assignments; center update 'none' has none")
+        if m_step not in M_STEPS:
+            raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
+        if temperature is not None and center_update in ("vanilla", "criss_cross", "cosine"):
+            raise ValueError(
+                f"temperature divides the EM E-step's logits; center update {center_update!r} has no EM E-step"
+            )
         center_dim = num_heads * head_dim
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_centers = center_grid[0] * center_grid[1]
-        self.norm1 = norm_layer(dim)
-        self.center_init = CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
-        self.clustering = RecurrentClustering(
-            dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+        self.center_update = center_update
+        clusters = center_update != "none" or dispatch != "none"  # else nothing would reach the output
+        self.norm1 = norm_layer(dim) if clusters else None
+        self.center_init = (
+            CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
+            if clusters and center_update != "cosine"
+            else None
         )
-        self.dispatch = FeatureDispatch(center_dim, dim, dispatch, hard_dispatch)
+        if center_update == "vanilla":
+            self.clustering = CrossAttentionUpdate(dim, num_heads, head_dim)
+        elif center_update == "criss_cross":
+            self.clustering = CrissCrossUpdate(dim, num_heads, head_dim, center_grid)
+        elif center_update == "cosine":
+            self.clustering = ContextClusterUpdate(dim, num_heads, head_dim, center_grid)
+        elif clusters:
+            self.clustering = RecurrentClustering(
+                dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+            )
+        else:
+            self.clustering = None
+        self.dispatch = FeatureDispatch(
+            center_dim, dim, dispatch, hard_dispatch, update_similarity=center_update == "cosine"
+        )
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale else None
+        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale and dispatch != "none" else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale else None
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,17 +203,21 @@ class ClusterBlock(nn.Module):
         """``x (B, H, W, C)`` -> same shape.
 
         With ``return_clusters`` also returns the updated centers ``(B, heads, K, d)`` and the last
-        E-step's assignment maps ``(B, heads, K, H, W)`` (``None`` if the centers are not updated).
+        E-step's assignment maps ``(B, heads, K, H, W)`` (``None`` if the centers are not updated; both ``None``
+        for a block without clustering).
         """
         dispatching = self.dispatch.mode != "none"
-        if not (dispatching or return_clusters):  # nothing computed below would reach the output
-            return x + self.drop_path(self._mlp(x))
+        if self.clustering is None or not (dispatching or return_clusters):  # nothing below would reach the output
+            x = x + self.drop_path(self._mlp(x))
+            return (x, None, None) if return_clusters else x
+        if not isinstance(self.clustering, RecurrentClustering):
+            return self._comparator_forward(x, return_clusters)
         b, h, w, c = x.shape
         n, heads, k, d = h * w, self.num_heads, self.num_centers, self.head_dim
         tokens = self.norm1(x)
         centers0 = self.center_init(tokens)  # (B, K, heads * d)
         centers0 = centers0.view(b, k, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, k)
-        keys, values = self.clustering.project(tokens.view(b, n, c))  # (B*heads, N, d), (B*heads, d, N)
+        keys, values = self.clustering.project(tokens.view(b, n, c))  # (B*heads, N, d) or None, (B*heads, d, N)
 
         # The (image, head) slices are clustered a few at a time, so that a slice's (N, K) assignment
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
@@ -181,7 +227,8 @@ class ClusterBlock(nn.Module):
             parts = [(centers0, keys, values)]
         else:
             step = max(1, self.chunk_elements // (n * k))
-            parts = zip(centers0.split(step), keys.split(step), values.split(step), strict=True)
+            key_parts = [None] * len(range(0, b * heads, step)) if keys is None else keys.split(step)
+            parts = zip(centers0.split(step), key_parts, values.split(step), strict=True)
         chunks = []
         for chunk_centers, chunk_keys, chunk_values in parts:
             chunk_centers, chunk_assign = self.clustering(chunk_centers, chunk_keys, chunk_values, (h, w))
@@ -189,15 +236,43 @@ class ClusterBlock(nn.Module):
             chunks.append((chunk_centers, chunk_assign, chunk_received))
         if dispatching:
             received = _cat([chunk[2] for chunk in chunks])  # (B * heads, N, d)
-            received = received.view(b, heads, n, d).transpose(1, 2).reshape(b, h, w, heads * d)
-            update = self.dispatch.project(received)
-            x = x + self.drop_path(update if self.gamma1 is None else self.gamma1 * update)
+            x = self._dispatch(x, received)
         x = x + self.drop_path(self._mlp(x))
         if not return_clusters:
             return x
         centers = _cat([chunk[0] for chunk in chunks]).view(b, heads, d, k).transpose(2, 3)
         maps = None if chunks[0][1] is None else assignment_maps(_cat([chunk[1] for chunk in chunks]), b, (h, w))
         return x, centers, maps
+
+    def _dispatch(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """Add the projected ``received (B * heads, N, d)`` to the tokens ``x (B, H, W, C)``."""
+        b, h, w, _ = x.shape
+        heads, d = self.num_heads, self.head_dim
+        received = received.view(b, heads, h * w, d).transpose(1, 2).reshape(b, h, w, heads * d)
+        update = self.dispatch.project(received)
+        return x + self.drop_path(update if self.gamma1 is None else self.gamma1 * update)
+
+    def _comparator_forward(self, x: torch.Tensor, return_clusters: bool):
+        """The block with one of Table 6c's other center updates (one pass, all slices at once)."""
+        b, h, w, _ = x.shape
+        heads, k, d = self.num_heads, self.num_centers, self.head_dim
+        tokens = self.norm1(x)
+        if self.center_init is None:  # Context Cluster pools its own centers
+            centers, values, weights = self.clustering(tokens)
+        else:
+            centers, values, weights = self.clustering(tokens, self.center_init(tokens))
+        if self.dispatch.mode != "none":
+            slices = b * heads  # the slice layout of the dispatching: centers (S, d, K), values (S, d, N)
+            received = self.dispatch.aggregate(
+                centers.transpose(-1, -2).reshape(slices, d, k),
+                values.transpose(-1, -2).reshape(slices, d, h * w),
+                weights.reshape(slices, h * w, k),
+            )
+            x = self._dispatch(x, received)
+        x = x + self.drop_path(self._mlp(x))
+        if not return_clusters:
+            return x
+        return x, centers, assignment_maps(weights.reshape(b * heads, h * w, k), b, (h, w))
 
 
 class ClusterStage(nn.Module):
@@ -238,7 +313,7 @@ class ClusterFormer(nn.Module):
         m_step: ``"mean"`` (EM: normalised E-step, weighted-mean M-step) or ``"sum"`` (Algorithm 1 to the
             letter); see :class:`~clusterformer.layers.RecurrentClustering` and ``docs/architecture.md``.
         temperature: of the EM E-step's normalised logits (default 0.5; a buffer, so weights bring their own).
-        baseline: the paper's BASELINE (no center update, no dispatching); overrides both.
+        baseline: the paper's BASELINE (no center update, no dispatching; neither is built); overrides both.
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
         layer_scale: initial per-channel residual scale (``None``: no layer scale).
@@ -288,7 +363,7 @@ class ClusterFormer(nn.Module):
         self.center_grid = tuple(center_grid)
 
         self.stem = CoordPatchEmbed(in_chans, embed_dims[0], 4, norm_layer)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
         stages, self.feature_info = [], []
         in_dim = embed_dims[0]
         for i, (dim, depth) in enumerate(zip(embed_dims, depths, strict=True)):
@@ -336,8 +411,9 @@ class ClusterFormer(nn.Module):
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Similarity scale/shift scalars are not decayed (norms and biases are excluded by timm)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("sim_alpha", "sim_beta"))}
+        """Similarity scale/shift and criss-cross gate scalars are not decayed (norms and biases are excluded by
+        timm)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("sim_alpha", "sim_beta", "clustering.gamma"))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -435,7 +511,8 @@ class ClusterFormer(nn.Module):
     def forward_dense(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features for the dense heads: the stage outputs ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32
         (the last one normalised) and the cluster centers of the last block, ``(B, K, heads * d)``,
-        which initialise the decoder's queries (paper Table 6f)."""
+        which initialise the decoder's queries (paper Table 6f); ``None`` for a model without clustering
+        (the BASELINE)."""
         features = []
         x = self.stem(x)
         last = len(self.stages) - 1
@@ -452,6 +529,8 @@ class ClusterFormer(nn.Module):
                 x, centers, _ = stage.blocks[-1](x, return_clusters=True)
                 x = self.norm(x)
             features.append(x.permute(0, 3, 1, 2))
+        if centers is None:
+            return features, None
         b, heads, k, d = centers.shape
         return features, centers.transpose(1, 2).reshape(b, k, heads * d)
 
@@ -462,7 +541,9 @@ class ClusterFormer(nn.Module):
 
         Each entry holds ``centers (B, heads, K, d)`` and ``assignments (B, heads, K, H_i, W_i)``, the
         soft assignment of the last E-step (for the paper's update every token's assignment sums to 1
-        over the K clusters), or ``None`` where the centers are not updated.
+        over the K clusters; for ``vanilla`` and ``criss_cross`` the attention, which sums to 1 over the tokens;
+        for ``cosine`` Context Cluster's similarity to the nearest center), or ``None`` where the centers are not
+        updated. Both are ``None`` for a block without clustering (the BASELINE).
         """
         clusters = []
         x = self.stem(x)
