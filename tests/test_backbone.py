@@ -115,17 +115,19 @@ def test_detection_resolution_forward_backward(batch):
     assert model.stem.proj.weight.grad is not None
 
 
-@pytest.mark.parametrize("size", [(224, 224), (225, 301)])
-def test_tiny_forward_backward(size):
-    model = timm.create_model("clusterformer_tiny")
+@pytest.mark.parametrize("size, head", [((224, 224), "centers"), ((225, 301), "centers"), ((225, 301), "tokens")])
+def test_tiny_forward_backward(size, head):
+    model = timm.create_model("clusterformer_tiny", head=head)
     logits = model(torch.randn(2, 3, *size))
     assert logits.shape == (2, 1000)
     logits.logsumexp(-1).mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    # the center head: only the last block's dispatching and MLP and the token norm do not reach the logits
     assert missing == model.parameters_unused_by_head()
-    assert missing and all(n.startswith(("stages.3.blocks.1.dispatch", "stages.3.blocks.1.norm2",
-                                         "stages.3.blocks.1.mlp", "norm.")) for n in missing)  # fmt: skip
+    if head == "tokens":  # every parameter reaches the logits
+        assert not missing, missing
+    else:  # the center head: only the last block's dispatching and MLP and the token norm do not reach the logits
+        assert missing and all(n.startswith(("stages.3.blocks.1.dispatch", "stages.3.blocks.1.norm2",
+                                             "stages.3.blocks.1.mlp", "norm.")) for n in missing)  # fmt: skip
 
 
 VARIANTS = [
@@ -133,6 +135,7 @@ VARIANTS = [
     dict(center_update="kmeans"),
     dict(center_update="vanilla"),
     dict(center_update="cosine"),
+    dict(center_update="cosine", dispatch="fc_similarity"),
     dict(center_update="criss_cross"),
     dict(iterations=1),
     dict(iterations=2),
@@ -152,20 +155,40 @@ VARIANTS = [
 ]
 
 
+CENTER_HEAD_UNUSED = ("dispatch.", "gamma1", "norm2.", "mlp.", "gamma2")  # of the last block, with the token norm
+
+
+@pytest.mark.parametrize("head", ["centers", "tokens"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v}" for k, v in v.items()))
-def test_variant_forward_backward(variant):
+def test_variant_forward_backward(variant, head):
     torch.manual_seed(0)
-    model = timm.create_model("clusterformer_nano", num_classes=5, center_grid=4, **variant)
+    model = timm.create_model("clusterformer_nano", num_classes=5, center_grid=4, head=head, **variant)
     logits = model(torch.randn(2, 3, 48, 40))
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
     logits.square().mean().backward()
-    # everything that can reach the logits receives a gradient
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    assert grads["stem.proj.weight"] is not None and grads["head.weight"] is not None
-    if variant.get("dispatch", "ours") != "none" and not variant.get("baseline"):
-        assert grads["stages.0.blocks.0.dispatch.proj.weight"] is not None
-        if variant.get("center_update", "recurrent") not in ("none", "kmeans"):
-            assert grads["stages.0.blocks.0.clustering.q.weight"] is not None
+    # everything that can reach the logits receives a gradient; nothing else is built
+    without = [n for n, p in model.named_parameters() if p.grad is None]
+    assert without == model.parameters_unused_by_head()
+    last = "stages.3.blocks.1."
+    if head == "centers":  # the last block's dispatching and MLP and the token norm do not reach the logits
+        expected = {f"{last}{n}" for n, _ in model.stages[3].blocks[1].named_parameters() if n.startswith(
+            CENTER_HEAD_UNUSED)} | {"norm.weight", "norm.bias"}  # fmt: skip
+        if variant.get("center_update") == "none" or variant.get("baseline"):  # its centers stay C0: no values
+            expected |= {n for n in without if n.startswith(f"{last}clustering.")}
+        assert expected <= set(without), sorted(expected - set(without))
+        missing = {n.split(".", 4)[-1] for n in without if n not in expected}
+    else:
+        missing = {n.split(".", 4)[-1] for n in without}
+    if variant.get("dispatch") == "none" or variant.get("baseline"):  # nothing reads the clustering of a block
+        # (but the last one's with the center head): it is idle
+        assert all(n.startswith(("norm1.", "center_init.", "clustering.")) for n in missing), missing
+        assert bool(missing) == (variant.get("dispatch") == "none")  # the BASELINE builds no idle clustering
+    elif variant.get("center_update") == "kmeans":  # the one-hot assignment passes no gradient to q and k
+        assert missing == {f"clustering.{n}" for n in ("q.weight", "q.bias", "k.weight", "k.bias")} | {
+            f"clustering.{n}_norm.{p}" for n in "qk" for p in ("weight", "bias")
+        }, missing
+    else:
+        assert not missing, missing
 
 
 def test_head_dim_changes_parameters_but_not_heads():
@@ -207,6 +230,54 @@ def test_forward_clusters_returns_assignment_maps_per_stage():
 def test_forward_clusters_reports_none_without_center_updates():
     model = timm.create_model("clusterformer_nano", baseline=True).eval()
     assert all(c["assignments"] is None for c in model.forward_clusters(torch.randn(1, 3, 32, 32)))
+    dispatch_only = timm.create_model("clusterformer_nano", center_update="none").eval()
+    clusters = dispatch_only.forward_clusters(torch.randn(1, 3, 32, 32))
+    assert all(c["assignments"] is None and c["centers"].shape[2] == 100 for c in clusters)
+
+
+@pytest.mark.parametrize("head", ["tokens", "centers"])
+def test_baseline_builds_no_clustering(head):
+    """BASELINE (Table 6a): no center update and no dispatching, so nothing but the channel MLP is built in a block
+    (no center initialisation, projections, norm or similarity whose output would be discarded); it is the
+    default model without those modules, and computes the channel-MLP network. With the center head the last block
+    also computes the initial centers of Eq. 5 (its norm and FFN), which the head reads."""
+    torch.manual_seed(0)
+    baseline = timm.create_model("clusterformer_nano", baseline=True, head=head).eval()
+    default = timm.create_model("clusterformer_nano", head=head).eval()
+    last = baseline.stages[-1].blocks[-1]
+    for block in (b for stage in baseline.stages for b in stage.blocks):
+        assert block.clustering is None and block.dispatch.proj is None and not list(block.dispatch.parameters())
+        if head == "centers" and block is last:
+            assert block.center_init is not None and block.norm1 is not None
+        else:
+            assert block.center_init is None and block.norm1 is None
+
+    def built(name: str) -> bool:
+        reads = head == "centers" and name.startswith("stages.3.blocks.1.")  # the last block's C0 is read
+        idle = ("clustering.", "dispatch.") if reads else ("norm1.", "center_init.", "clustering.", "dispatch.")
+        return not name.split(".", 4)[-1].startswith(idle)
+
+    assert {n for n, _ in baseline.named_parameters()} == {n for n, _ in default.named_parameters() if built(n)}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = baseline.stem(x)
+        for stage in baseline.stages:
+            expected = stage.downsample(expected)
+            for block in stage.blocks:
+                if head == "centers" and block is last:
+                    initial = block.center_init(block.norm1(expected))  # (B, K, heads * d): C0
+                expected = expected + block.mlp(block.norm2(expected))
+        if head == "centers":
+            expected = baseline.head(baseline.head_norm(initial).mean(1))
+        else:
+            expected = baseline.head(baseline.norm(expected).mean((1, 2)))
+        torch.testing.assert_close(baseline(x), expected)
+    features, centers = baseline.forward_dense(x)
+    assert len(features) == 4
+    if head == "centers":
+        torch.testing.assert_close(centers, initial)
+    else:
+        assert centers is None
 
 
 @pytest.mark.parametrize("center_update", ["recurrent", "kmeans", "vanilla", "cosine", "criss_cross"])

@@ -28,11 +28,12 @@ class FixedData(L.LightningDataModule):
 class SGDTask(ClassificationTask):
     """Plain SGD: its update is linear in the gradient, so the weights must agree to rounding. (AdamW
     divides by the root of the squared gradient, which turns rounding noise in near-zero gradients
-    into full-size steps of either sign.) The step is one at which the loss falls (1.40 -> 0.62 in 3 steps): at
-    lr 0.2 and above the nano model diverges, and a diverging run amplifies the all-reduce's rounding."""
+    into full-size steps of either sign.) The step is one at which the loss falls (1.37 -> 0.83 in 3 steps) and the
+    two runs stay within the tolerance: with the classifier on the cluster centers, at lr 0.02 the all-reduce's
+    rounding grows past it in 3 steps, and at lr 0.1 the nano model diverges."""
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 def train(devices: int, tmp_path, task_class=ClassificationTask) -> ClassificationTask:

@@ -1,16 +1,42 @@
-"""The demo runs every stage on a tiny dataset and writes its report."""
+"""The demo runs every stage on a tiny dataset and writes its report; a run stopped by a signal says which stage
+was stopped and exits non-zero, and ``--resume`` finishes it with the report of an uninterrupted run."""
 
 import json
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 from clusterformer.cli import main
-from clusterformer.demo import PRESETS, prepare_demo_folder, run_demo
+from clusterformer.demo import (
+    PRESETS,
+    STAGE_NAMES,
+    DemoInterrupted,
+    finished_stages,
+    prepare_demo_folder,
+    run_demo,
+)
+
+# every entry of a preset, tiny: one demo run takes seconds of training
+TINY = dict(num_train=16, num_val=6, size=64, epochs=1, detection_epochs=1, set_epochs=1, semantic_epochs=1,
+            panoptic_epochs=1)  # fmt: skip
+SEED = 1
+TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py; the runs below compare as equal with one thread
 
 
-def test_demo_writes_a_report(tmp_path):
-    metrics = run_demo(
-        tmp_path, seed=1, num_workers=0, num_train=16, num_val=6, size=64, epochs=1, detection_epochs=1, set_epochs=1,
-        semantic_epochs=1, panoptic_epochs=1,
-    )  # fmt: skip
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, one_thread):
+    """A tiny demo run from start to end: its folder and the metrics it returned."""
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, seed=SEED, num_workers=0, **TINY)
+
+
+def test_demo_writes_a_report(uninterrupted):
+    tmp_path, metrics = uninterrupted
     report = tmp_path / "report"
     assert json.loads((report / "metrics.json").read_text()) == metrics
     for task in ("classification", "detection", "instance", "semantic", "panoptic"):
@@ -28,6 +54,14 @@ def test_demo_writes_a_report(tmp_path):
     names = ("top-1", "box AP50", "box AP50 (boxes around the masks)", "mask AP50", "mIoU", "PQ things", "PQ stuff")
     for name in names:
         assert f"| {name} |" in text, name
+    # demo.json records every stage as finished: --resume would load them all, unless what one left has changed
+    record = json.loads((tmp_path / "demo.json").read_text())
+    options = {**TINY, "seed": SEED}
+    assert record["finished"] and list(finished_stages(tmp_path, record, options)) == list(STAGE_NAMES)
+    record["stages"]["detection"]["global_step"] += 1  # not the checkpoint that the stage finished with
+    assert list(finished_stages(tmp_path, record, options)) == ["data", "classification"]
+    record["stages"]["classification"]["pictures"].append("report/missing.png")
+    assert list(finished_stages(tmp_path, record, options)) == ["data"]
 
 
 def test_a_folder_of_another_demo_run_or_other_files_is_refused_before_any_work(tmp_path, capsys):
@@ -55,3 +89,136 @@ def test_the_same_options_may_rerun_and_overwrite_removes_the_earlier_run(tmp_pa
     prepare_demo_folder(tmp_path, {**options, "seed": 1}, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "notes.txt"]
     assert json.loads((tmp_path / "demo.json").read_text())["options"]["seed"] == 1
+
+
+# ``clusterformer demo --quick`` on the TINY preset, with a training step of one stage announcing itself on stdout and
+# waiting there for the signal that the test then sends
+STOPPED = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    from clusterformer import demo
+    from clusterformer.cli import main
+    from clusterformer.tasks import ClassificationTask, SetTask
+
+    torch.set_num_threads(1)
+    out, tiny, seed, task, kind = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    demo.PRESETS["quick"] = tiny
+    Task = {"classification": ClassificationTask, "sets": SetTask}[task]
+    training_step = Task.training_step
+
+    def announced(self, batch, batch_idx):
+        if task == "classification" or self.hparams.task == kind:
+            print("TRAINING", kind, flush=True)
+            time.sleep(60)
+        return training_step(self, batch, batch_idx)
+
+    Task.training_step = announced
+    raise SystemExit(main(["demo", "--out", out, "--quick", "--seed", seed, "--num-workers", "0"]))
+    """
+)
+
+
+def stopped_demo(out, task: str, kind: str, signum: int) -> tuple[int, str, str]:
+    """Run the demo in a process of its own and send it ``signum`` in the first training step of ``task``
+    (``kind``: the SetTask's kind); returns its exit status, stdout and stderr."""
+    errors = out.parent / f"{out.name}.stderr"
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", STOPPED, str(out), json.dumps(TINY), str(SEED), task, kind],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )  # fmt: skip
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if line.startswith("TRAINING"):
+                process.send_signal(signum)
+                break
+        lines.append(process.stdout.read())
+        status = process.wait(timeout=600)
+    return status, "".join(lines), errors.read_text()
+
+
+def test_a_demo_stopped_by_sigterm_says_where_and_resume_finishes_it_as_an_uninterrupted_run(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "demo"
+    status, stdout, stderr = stopped_demo(out, "sets", "instance", signal.SIGTERM)
+    assert status == 143, stderr[-3000:]  # Lightning's own SIGTERM handling made it 0
+    assert "[4/6] instance segmentation" in stdout and "[5/6]" not in stdout
+    assert stderr.strip().splitlines()[-1] == (
+        f"clusterformer demo: {out}: interrupted by SIGTERM during stage 4/6 (instance segmentation); stages 1-3 "
+        "are finished and kept; rerun with --resume to continue from stage 4"
+    )
+    record = json.loads((out / "demo.json").read_text())
+    assert list(record["stages"]) == ["data", "classification", "detection"] and not record["finished"]
+    assert not (out / "report" / "metrics.json").exists()
+    kept = {name: (out / name / "checkpoints" / "last.ckpt").stat().st_mtime_ns for name in TASKS[:2]}
+    kept["data"] = (out / "data" / "shapes.json").stat().st_mtime_ns
+
+    monkeypatch.setitem(PRESETS, "quick", TINY)
+    command = ["demo", "--out", str(out), "--quick", "--seed", str(SEED), "--num-workers", "0"]
+    capsys.readouterr()
+    assert main(command) == 2  # a new run would replace the finished stages: asked for
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"clusterformer demo: error: {out}: holds an unfinished demo run with the same options (stages 1-3 are "
+        "finished); pass --resume to continue it from stage 4, or --overwrite to start again"
+    )
+    with pytest.raises(SystemExit) as refused:  # the two exclude each other
+        main([*command, "--resume", "--overwrite"])
+    assert refused.value.code == 2
+
+    (out / "instance" / "stale.ckpt").write_text("left by the stopped stage")
+    assert main([*command, "--resume"]) == 0
+    assert not (out / "instance" / "stale.ckpt").exists()  # the stopped stage started over in an emptied folder
+    printed = capsys.readouterr().out
+    assert "[2/6] classification: finished in an earlier run, loaded" in printed
+    assert "[4/6] instance segmentation: 1 epochs" in printed
+    for name in ("data", "classification", "detection"):  # loaded, not made or trained again
+        path = out / name / ("shapes.json" if name == "data" else "checkpoints/last.ckpt")
+        assert path.stat().st_mtime_ns == kept[name], name
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    for name, key in (("classification", "val/top1"), ("detection", "val/bbox_AP50")):  # as recorded and printed
+        assert metrics[name] == record["stages"][name]["metrics"]
+        assert f"{key}: {metrics[name]['untrained'][key]:.3f} -> {metrics[name]['trained'][key]:.3f}" in stdout
+    # the report of the resumed run is the uninterrupted run's, but for the time taken
+    expected = uninterrupted[1]
+    assert set(metrics) == set(expected)
+    assert {k: v for k, v in metrics.items() if "seconds" not in k} == {
+        k: v for k, v in expected.items() if "seconds" not in k
+    }
+    assert list(metrics["stage_seconds"]) == list(STAGE_NAMES)
+    text = (out / "report" / "report.md").read_text()
+    for task in TASKS:
+        assert f"| {task} |" in text, task
+        assert (out / "report" / f"{task}_predictions.png").is_file(), task
+    assert json.loads((out / "demo.json").read_text())["finished"]
+    assert prepare_demo_folder(out, {**TINY, "seed": SEED}) == {}  # finished: a new run may replace it
+
+
+def test_a_demo_stopped_by_sigint_in_its_first_training_exits_130(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "demo"
+    status, stdout, stderr = stopped_demo(out, "classification", "classification", signal.SIGINT)
+    assert status == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"clusterformer demo: {out}: interrupted by SIGINT during stage 2/6 (classification); stage 1 is finished "
+        "and kept; rerun with --resume to continue from stage 2"
+    )
+    assert "Traceback" not in stderr
+    assert list(json.loads((out / "demo.json").read_text())["stages"]) == ["data"]
+    monkeypatch.setitem(PRESETS, "quick", TINY)
+    assert main(["demo", "--out", str(out), "--quick", "--seed", str(SEED)]) == 2
+    assert "(stage 1 is finished); pass --resume to continue it from stage 2" in capsys.readouterr().err
+
+
+def test_the_interruption_names_the_stage_or_the_report(tmp_path):
+    assert str(DemoInterrupted(tmp_path, 1, signal.SIGTERM)) == (
+        f"{tmp_path}: interrupted by SIGTERM during stage 1/6 (the shapes dataset); no stage had finished; rerun to "
+        "start again"
+    )
+    assert str(DemoInterrupted(tmp_path, 7, signal.SIGINT)) == (
+        f"{tmp_path}: interrupted by SIGINT while writing the report; all 6 stages are finished and kept; rerun "
+        "with --resume to write the report"
+    )
+    assert DemoInterrupted(tmp_path, 3, signal.SIGTERM).exit_code == 143

@@ -264,3 +264,15 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
         temporary.write_text("[1, 2")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classification_predictions_resize_with_the_checkpoints_interpolation():
+    from torchvision.transforms import InterpolationMode
+
+    from clusterformer.predict import TaskModel, eval_transform
+
+    stored = {"img_size": 32, "eval_resize": 40, "interpolation": "bilinear"}
+    resize, crop = eval_transform(TaskModel("classification", torch.nn.Identity(), [], [], stored)).transforms[:2]
+    assert (resize.size, resize.interpolation, crop.size) == ([40], InterpolationMode.BILINEAR, (32, 32))
+    older = TaskModel("classification", torch.nn.Identity(), [], [], {"img_size": 32})  # saved before the option
+    assert eval_transform(older).transforms[0].interpolation == InterpolationMode.BICUBIC

@@ -49,18 +49,28 @@ def test_features_only_drops_unused_stages():
     assert len(model.model.stages) == 2
 
 
-def test_forward_intermediates(nano):
+@pytest.mark.parametrize("head", ["centers", "tokens"])
+def test_forward_intermediates(head):
+    torch.manual_seed(0)
+    nano = timm.create_model("clusterformer_nano", head=head).eval()
     x = torch.randn(2, 3, 64, 96)
     final, inter = nano.forward_intermediates(x)
     assert len(inter) == 4
-    torch.testing.assert_close(final, nano.forward_features(x))
+    torch.testing.assert_close(final, nano.forward_features(x))  # what the head reads
     last = nano.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)
     assert len(last) == 1
-    torch.testing.assert_close(last[0], final.permute(0, 3, 1, 2))
+    tokens = nano.norm(inter[-1].permute(0, 2, 3, 1))  # the normalised tokens of the last stage, NHWC
+    torch.testing.assert_close(last[0], tokens.permute(0, 3, 1, 2))
+    if head == "tokens":
+        torch.testing.assert_close(final, tokens)
+    else:  # the normalised centers of the last block, (B, K, heads * d)
+        assert final.shape == (2, 100, 256)
     nhwc = nano.forward_intermediates(x, indices=[0], output_fmt="NHWC", intermediates_only=True)
     torch.testing.assert_close(nhwc[0], inter[0].permute(0, 2, 3, 1))
     # pre_logits of the head is the pooled final feature
-    torch.testing.assert_close(nano.forward_head(final, pre_logits=True), final.mean(dim=(1, 2)))
+    torch.testing.assert_close(
+        nano.forward_head(final, pre_logits=True), final.mean(dim=tuple(range(1, final.ndim - 1)))
+    )
 
 
 def test_no_weight_decay_names_exist_and_cover_similarity_scalars(nano):
@@ -86,10 +96,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.set_grad_checkpointing(enable)
         model.zero_grad()
         model(x).square().sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+        grads.append([None if p.grad is None else p.grad.clone() for p in model.parameters()])
     assert all(model.stages[i].grad_checkpointing for i in range(4))
+    unused = set(model.parameters_unused_by_head())  # the center head does not reach them
+    assert [n for (n, _), g in zip(model.named_parameters(), grads[1], strict=True) if g is None] == [
+        n for n, _ in model.named_parameters() if n in unused
+    ]
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
 
 
 def test_group_matcher_covers_every_parameter(nano):

@@ -47,15 +47,17 @@ TABLES: dict[str, Rows] = {
     ],
     # (b) the number of E/M iterations T
     "6b": [(str(t), {"iterations": t}) for t in (1, 2, 3, 4)],
-    # (c) Recurrent Cross-Attention Clustering: the center update
+    # (c) Recurrent Cross-Attention Clustering: the center update. Each comparator is the cited method
+    # (layers/comparators.py); "Cosine Similarity" is Context Cluster's clustering with its own dispatch.
     "6c": [
-        ("Cosine Similarity", {"center_update": "cosine"}),
+        ("Cosine Similarity", {"center_update": "cosine", "dispatch": "fc_similarity"}),
         ("Vanilla Cross-Attention [81]", {"center_update": "vanilla"}),
         ("Criss Cross-Attention [35]", {"center_update": "criss_cross"}),
         ("K-Means [95]", {"center_update": "kmeans"}),
         ("Recurrent Cross-Attention", {"center_update": "recurrent"}),
     ],
-    # (d) head dimension (the number of heads fixed, so the width of the clustering grows)
+    # (d) head dimension (the number of heads fixed, so the width of the clustering grows; no sizing rule gives
+    # the paper's counts: docs/architecture.md, "Table 6d")
     "6d": [(str(d), {"head_dim": d}) for d in (16, 24, 32, 40, 48)],
     # (e) Feature Dispatching
     "6e": [
@@ -77,6 +79,17 @@ TABLES: dict[str, Rows] = {
 
 # the row of each table that the paper adopts (marked in red there, in bold here)
 ADOPTED = {"6a": 3, "6b": 2, "6c": 4, "6d": 2, "6e": 4, "6f": 4}
+
+# "#Params" of the paper's Table 6, row by row, in millions: ClusterFormer-Tiny with the 1000-class head (6b prints
+# one count for every T). ``markdown_table`` sets each row's variant of ClusterFormer-Tiny beside them.
+PAPER_PARAMS = {
+    "6a": (21.73, 26.27, 23.46, 27.85),
+    "6b": (27.85, 27.85, 27.85, 27.85),
+    "6c": (23.88, 35.48, 34.16, 27.71, 27.85),
+    "6d": (17.25, 22.88, 27.85, 32.81, 38.14),
+    "6e": (26.27, 27.14, 26.81, 27.46, 27.85),
+}
+PAPER_MODEL = "clusterformer_tiny"
 
 
 @dataclass(frozen=True)
@@ -198,10 +211,13 @@ def build_row(
     The config is parsed by ``LightningCLI`` exactly as ``clusterformer fit --config config`` would (classes,
     types, defaults), with ``config_overrides`` (``"KEY=VALUE"``, e.g. ``"data.init_args.root=..."``) and the
     trainer limits on top, then the row's overrides are merged into the task's options, the seed is set to
-    ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``.
+    ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``. The trainer
+    writes its checkpoints as ``fit`` does (:func:`~clusterformer.checkpoint_io.use_atomic_checkpoints`).
     """
     from lightning import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    from .checkpoint_io import use_atomic_checkpoints
 
     table = check_table(table)
     label, overrides = TABLES[table][row]
@@ -246,6 +262,7 @@ def build_row(
         if str(config_path) in str(error):
             raise
         raise ValueError(f"{config_path}: {error}") from error
+    use_atomic_checkpoints(cli.trainer)  # as `clusterformer fit`: whole checkpoints, one file per step
     return cli.model, cli.datamodule, cli.trainer
 
 
@@ -253,8 +270,10 @@ def count_parameters(module: torch.nn.Module, img_size: int = 64) -> tuple[int, 
     """``(used, total)`` parameters of ``module``: ``used`` counts those that the forward pass of one
     ``(1, 3, img_size, img_size)`` image computes with (every torch operation is watched for them).
 
-    Some variants hold parameters that their forward pass never touches (the clustering of the BASELINE,
-    see ``docs/architecture.md``); ``used`` is the size of the model that the variant actually is. A gradient
+    A classifier holds parameters that its forward pass never touches (ClusterFormer's
+    ``parameters_unused_by_head``: the center head reads the last block's centers, not that block's dispatching
+    and channel MLP or the token norm; without dispatching the clustering of the other blocks is idle; see
+    ``docs/architecture.md``); ``used`` is the size of the classifier that the variant actually is. A gradient
     would not do: the one-hot assignments of ``kmeans`` pass none to the projections they depend on.
     """
     names = {id(p): p.numel() for p in module.parameters()}
@@ -268,6 +287,27 @@ def count_parameters(module: torch.nn.Module, img_size: int = 64) -> tuple[int, 
     finally:
         module.train(was_training)
     return sum(names[i] for i in watch.used), sum(names.values())
+
+
+def paper_model_parameters(overrides: dict) -> int:
+    """All the parameters of ClusterFormer-Tiny with the 1000-class head (the model of the paper's Table 6) built
+    with a row's ``overrides``; built on the meta device, so nothing is allocated or initialised."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(PAPER_MODEL, **overrides)
+    return sum(p.numel() for p in model.parameters())
+
+
+def paper_comparison(table: str) -> list[dict]:
+    """Per row of ``table`` (6a-6e): ``tiny`` (:func:`paper_model_parameters`), ``paper`` (``PAPER_PARAMS``, in
+    parameters) and ``percent``, ``100 * (tiny - paper) / paper``."""
+    table = check_table(table)
+    rows = []
+    for (_, overrides), paper in zip(TABLES[table], PAPER_PARAMS[table], strict=True):
+        tiny, paper = paper_model_parameters(overrides), paper * 1e6
+        rows.append({"tiny": tiny, "paper": paper, "percent": 100 * (tiny - paper) / paper})
+    return rows
 
 
 class _ParameterUse(TorchFunctionMode):
@@ -442,7 +482,14 @@ def markdown_table(report: dict) -> str:
     table = report["table"]
     layout = LAYOUTS[table]
     with_params = report["task"] == "classification"
-    headers = [layout.first_column, *(["#Params"] if with_params else []), *(h for h, _ in layout.columns)]
+    comparison_headers = ["ClusterFormer-T", "paper", "Δ"] if with_params else []
+    headers = [
+        layout.first_column,
+        *(["#Params"] if with_params else []),
+        *(h for h, _ in layout.columns),
+        *comparison_headers,
+    ]
+    comparison = paper_comparison(table) if with_params else []
     paper_data = "ImageNet-1K" if with_params else "COCO"
     limits = ", ".join(
         f"{name} {report[key]}"
@@ -461,11 +508,11 @@ def markdown_table(report: dict) -> str:
     ]
     notes = []
     unused_mark, missing_mark, skipped_mark = "†", "‡", "§"
-    for row in report["rows"]:
+    for index, row in enumerate(report["rows"]):
         label = f"**{row['label']}**" if row["adopted"] else row["label"]
         if not row["reproduced"]:
             cells = [f"{label}{skipped_mark}", *(["—"] if with_params else []), *("—" for _ in layout.columns)]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(cells + ["—" for _ in comparison_headers]) + " |")
             continue
         cells = [label]
         if with_params:
@@ -474,6 +521,9 @@ def markdown_table(report: dict) -> str:
         for _, key in layout.columns:
             value = row["metrics"].get(key)
             cells.append(f"—{missing_mark}" if value is None else f"{100 * value:.{layout.percent_digits}f}")
+        if with_params:
+            paper = comparison[index]
+            cells += [f"{paper['tiny'] / 1e6:.2f}M", f"{paper['paper'] / 1e6:.2f}M", f"{paper['percent']:+.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     body = "\n".join(lines)
     if unused_mark in body:
@@ -484,8 +534,9 @@ def markdown_table(report: dict) -> str:
         )
         notes.append(
             f"#Params counts the parameters that the forward pass computes with. {unused_mark} The module also holds "
-            f"parameters that it never touches (in all: {totals}): without dispatching the classifier never sees the "
-            "clustering, and without a center update the query projection is idle (docs/architecture.md, Variants)."
+            f"parameters that it never touches (in all: {totals}): the classifier reads the centers of the last block, "
+            "not that block's dispatching and channel MLP or the token norm (the dense tasks use them), and without "
+            "dispatching the clustering of the other blocks is idle (docs/architecture.md, Classification head)."
         )
     if missing_mark in body:
         notes.append(
@@ -495,6 +546,11 @@ def markdown_table(report: dict) -> str:
     if skipped_mark in body:
         notes.append(f"{skipped_mark} {NOT_REPRODUCED}.")
     if with_params:
+        notes.append(
+            "ClusterFormer-T: all the parameters of this row's variant of ClusterFormer-Tiny with the 1000-class head, "
+            "the model of the paper's Table 6; paper: the #Params printed there; Δ: their difference relative to the "
+            "paper's. Where and why they differ: docs/architecture.md, Variants."
+        )
         notes.append("Accuracies in %, on the validation split. The adopted design of the paper in bold.")
     else:
         notes.append("Mask AP in % (pycocotools), on the validation split. The adopted design of the paper in bold.")

@@ -28,7 +28,18 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import CenterInit, FeatureDispatch, RecurrentClustering, assignment_maps, is_tracing
+from .layers import (
+    CENTER_UPDATES,
+    M_STEPS,
+    CenterInit,
+    ContextClusterUpdate,
+    CrissCrossUpdate,
+    CrossAttentionUpdate,
+    FeatureDispatch,
+    RecurrentClustering,
+    assignment_maps,
+    is_tracing,
+)
 from .layers.dispatching import NEEDS_ASSIGNMENTS
 
 __all__ = ["ClusterFormer", "ClusterBlock"]
@@ -98,7 +109,7 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class ClusterBlock(nn.Module):
-    """Center initialisation -> recurrent clustering -> feature dispatching -> channel MLP.
+    """Center initialisation -> center update -> feature dispatching -> channel MLP.
 
     Args:
         dim: token channels.
@@ -106,13 +117,23 @@ class ClusterBlock(nn.Module):
         head_dim: channels per head (32 in the paper).
         mlp_ratio: hidden width of the channel MLP.
         center_grid: centers along height and width (10 x 10 = 100 in the paper).
-        iterations: E/M iterations T (3 in the paper).
-        center_update, m_step, temperature: see :class:`~clusterformer.layers.RecurrentClustering`.
+        iterations: E/M iterations T (3 in the paper) of the ``recurrent`` and ``kmeans`` updates.
+        center_update: ``recurrent``, ``kmeans`` or ``none`` (:class:`~clusterformer.layers.RecurrentClustering`,
+            with ``m_step`` and ``temperature``), or one of the methods of Table 6c, ``vanilla``, ``criss_cross``
+            and ``cosine`` (:mod:`clusterformer.layers.comparators`; one pass each, ``cosine`` pools its centers
+            instead of Eq. 5).
         dispatch: see :class:`~clusterformer.layers.FeatureDispatch`.
         hard_dispatch: top-1 mask in the dispatching similarity (Algorithm 2).
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to ``dim``.
         drop_path: stochastic depth rate.
         layer_scale: initial value of per-channel residual scales, or ``None`` for none.
+        reads_centers: something reads this block's centers (the center head of the classifier reads those of
+            the encoder's last block): what computes them is built even where the block's own output would not
+            need it.
+
+    Only what reaches the output (or a reader of the centers) is built: without a center update and without
+    dispatching (the BASELINE of Table 6a) the block is the channel MLP alone, or, with ``reads_centers``, the
+    channel MLP beside the initial centers ``C0`` of Eq. 5.
     """
 
     # about 2 MiB of (N, K) assignments per chunk of slices
@@ -135,47 +156,94 @@ class ClusterBlock(nn.Module):
         drop_path: float = 0.0,
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
+        reads_centers: bool = False,
     ):
         super().__init__()
+        if center_update not in CENTER_UPDATES:
+            raise ValueError(f"center update must be one of {CENTER_UPDATES}, got {center_update!r}")
         if dispatch in NEEDS_ASSIGNMENTS and center_update == "none":
             raise ValueError(f"dispatching {dispatch!r} reads the E-step assignments; center update 'none' has none")
+        if m_step not in M_STEPS:
+            raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
+        if temperature is not None and center_update in ("vanilla", "criss_cross", "cosine"):
+            raise ValueError(
+                f"temperature divides the EM E-step's logits; center update {center_update!r} has no EM E-step"
+            )
         center_dim = num_heads * head_dim
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_centers = center_grid[0] * center_grid[1]
-        self.norm1 = norm_layer(dim)
-        self.center_init = CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
-        self.clustering = RecurrentClustering(
-            dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+        self.center_update = center_update
+        self._center_init_args = (dim, center_dim, center_grid, center_hidden_ratio, norm_layer)
+        # the centers are computed if the output reads them (dispatching) or they are updated (the block's clusters
+        # and their pictures; the values of an update "none" are built only for a dispatching), or if read outside
+        updates = center_update != "none" or dispatch != "none"
+        clusters = updates or reads_centers
+        self.norm1 = norm_layer(dim) if clusters else None
+        self.center_init = (
+            CenterInit(dim, center_dim, center_grid, center_hidden_ratio)
+            if clusters and center_update != "cosine"
+            else None
         )
-        self.dispatch = FeatureDispatch(center_dim, dim, dispatch, hard_dispatch)
+        if center_update == "vanilla":
+            self.clustering = CrossAttentionUpdate(dim, num_heads, head_dim)
+        elif center_update == "criss_cross":
+            self.clustering = CrissCrossUpdate(dim, num_heads, head_dim, center_grid)
+        elif center_update == "cosine":
+            self.clustering = ContextClusterUpdate(dim, num_heads, head_dim, center_grid)
+        elif updates:
+            self.clustering = RecurrentClustering(
+                dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+            )
+        else:
+            self.clustering = None
+        self.dispatch = FeatureDispatch(
+            center_dim, dim, dispatch, hard_dispatch, update_similarity=center_update == "cosine"
+        )
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale else None
+        self.gamma1 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale and dispatch != "none" else None
         self.gamma2 = nn.Parameter(torch.full((dim,), layer_scale)) if layer_scale else None
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(self.norm2(x))
         return out if self.gamma2 is None else self.gamma2 * out
 
+    def read_centers(self) -> None:
+        """Build what computes this block's centers where the block had no use for them (the BASELINE's norm and
+        Eq. 5's center initialisation): a center head that is added later (``reset_classifier``) reads them."""
+        if self.norm1 is not None:
+            return
+        dim, center_dim, grid, hidden_ratio, norm_layer = self._center_init_args
+        self.norm1 = norm_layer(dim)
+        self.center_init = CenterInit(dim, center_dim, grid, hidden_ratio)
+
     def forward(self, x: torch.Tensor, return_clusters: bool = False, centers_only: bool = False):
         """``x (B, H, W, C)`` -> same shape.
 
         With ``return_clusters`` also returns the updated centers ``(B, heads, K, d)`` and the last
-        E-step's assignment maps ``(B, heads, K, H, W)`` (``None`` if the centers are not updated).
-        With ``centers_only`` returns only the updated centers: no dispatching, no channel MLP (the
-        classification head that reads the centers of the encoder's last block).
+        E-step's assignment maps ``(B, heads, K, H, W)`` (``None`` if the centers are not updated; both ``None``
+        for a block without clustering).
+        With ``centers_only`` returns only the updated centers ``(B, heads, K, d)``: no dispatching, no channel
+        MLP (what the classification head reads of the encoder's last block).
         """
         dispatching = self.dispatch.mode != "none" and not centers_only
-        if not (dispatching or return_clusters or centers_only):  # nothing computed below would reach the output
-            return x + self.drop_path(self._mlp(x))
+        if self.norm1 is None or not (dispatching or return_clusters or centers_only):  # nothing below is read
+            if centers_only:
+                raise RuntimeError("this block builds no clustering: it has no centers (see reads_centers)")
+            x = x + self.drop_path(self._mlp(x))
+            return (x, None, None) if return_clusters else x
+        if self.clustering is not None and not isinstance(self.clustering, RecurrentClustering):
+            return self._comparator_forward(x, return_clusters, centers_only)
+        if self.clustering is None or (self.clustering.update == "none" and not dispatching):
+            return self._initial_centers(x, centers_only)
         b, h, w, c = x.shape
         n, heads, k, d = h * w, self.num_heads, self.num_centers, self.head_dim
         tokens = self.norm1(x)
         centers0 = self.center_init(tokens)  # (B, K, heads * d)
         centers0 = centers0.view(b, k, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, k)
-        keys, values = self.clustering.project(tokens.view(b, n, c))  # (B*heads, N, d), (B*heads, d, N)
+        keys, values = self.clustering.project(tokens.view(b, n, c))  # (B*heads, N, d) or None, (B*heads, d, N)
 
         # The (image, head) slices are clustered a few at a time, so that a slice's (N, K) assignment
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
@@ -185,7 +253,8 @@ class ClusterBlock(nn.Module):
             parts = [(centers0, keys, values)]
         else:
             step = max(1, self.chunk_elements // (n * k))
-            parts = zip(centers0.split(step), keys.split(step), values.split(step), strict=True)
+            key_parts = [None] * len(range(0, b * heads, step)) if keys is None else keys.split(step)
+            parts = zip(centers0.split(step), key_parts, values.split(step), strict=True)
         chunks = []
         for chunk_centers, chunk_keys, chunk_values in parts:
             chunk_centers, chunk_assign = self.clustering(chunk_centers, chunk_keys, chunk_values, (h, w))
@@ -195,9 +264,7 @@ class ClusterBlock(nn.Module):
             return _cat([chunk[0] for chunk in chunks]).view(b, heads, d, k).transpose(2, 3)
         if dispatching:
             received = _cat([chunk[2] for chunk in chunks])  # (B * heads, N, d)
-            received = received.view(b, heads, n, d).transpose(1, 2).reshape(b, h, w, heads * d)
-            update = self.dispatch.project(received)
-            x = x + self.drop_path(update if self.gamma1 is None else self.gamma1 * update)
+            x = self._dispatch(x, received)
         x = x + self.drop_path(self._mlp(x))
         if not return_clusters:
             return x
@@ -205,15 +272,75 @@ class ClusterBlock(nn.Module):
         maps = None if chunks[0][1] is None else assignment_maps(_cat([chunk[1] for chunk in chunks]), b, (h, w))
         return x, centers, maps
 
+    def _dispatch(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
+        """Add the projected ``received (B * heads, N, d)`` to the tokens ``x (B, H, W, C)``."""
+        b, h, w, _ = x.shape
+        heads, d = self.num_heads, self.head_dim
+        received = received.view(b, heads, h * w, d).transpose(1, 2).reshape(b, h, w, heads * d)
+        update = self.dispatch.project(received)
+        return x + self.drop_path(update if self.gamma1 is None else self.gamma1 * update)
+
+    def _initial_centers(self, x: torch.Tensor, centers_only: bool):
+        """A block whose centers stay Eq. 5's ``C0`` and whose output does not read them (a center update "none"
+        read by the center head, the BASELINE's last block): the centers ``(B, heads, K, d)``, after the channel
+        MLP's output unless ``centers_only``; no assignment."""
+        b = x.shape[0]
+        heads, k, d = self.num_heads, self.num_centers, self.head_dim
+        centers = self.center_init(self.norm1(x)).view(b, k, heads, d).transpose(1, 2)
+        if centers_only:
+            return centers
+        return x + self.drop_path(self._mlp(x)), centers, None
+
+    def _comparator_forward(self, x: torch.Tensor, return_clusters: bool, centers_only: bool = False):
+        """The block with one of Table 6c's other center updates (one pass, all slices at once)."""
+        b, h, w, _ = x.shape
+        heads, k, d = self.num_heads, self.num_centers, self.head_dim
+        tokens = self.norm1(x)
+        if self.center_init is None:  # Context Cluster pools its own centers
+            centers, values, weights = self.clustering(tokens)
+        else:
+            centers, values, weights = self.clustering(tokens, self.center_init(tokens))
+        if centers_only:
+            return centers
+        if self.dispatch.mode != "none":
+            slices = b * heads  # the slice layout of the dispatching: centers (S, d, K), values (S, d, N)
+            received = self.dispatch.aggregate(
+                centers.transpose(-1, -2).reshape(slices, d, k),
+                values.transpose(-1, -2).reshape(slices, d, h * w),
+                weights.reshape(slices, h * w, k),
+            )
+            x = self._dispatch(x, received)
+        x = x + self.drop_path(self._mlp(x))
+        if not return_clusters:
+            return x
+        return x, centers, assignment_maps(weights.reshape(b * heads, h * w, k), b, (h, w))
+
 
 class ClusterStage(nn.Module):
-    """Optional 2x downsampling followed by ``depth`` cluster blocks."""
+    """Optional 2x downsampling followed by ``depth`` cluster blocks; ``reads_centers``: the centers of the last
+    block are read (by the classifier's center head), see :class:`ClusterBlock`."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, downsample: bool, drop_path: Sequence[float], **block_kwargs):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        depth: int,
+        downsample: bool,
+        drop_path: Sequence[float],
+        reads_centers: bool = False,
+        **block_kwargs,
+    ):
         super().__init__()
         norm_layer = block_kwargs.get("norm_layer", nn.LayerNorm)
         self.downsample = PatchMerging(in_dim, dim, norm_layer) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[ClusterBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                ClusterBlock(
+                    dim, drop_path=drop_path[i], reads_centers=reads_centers and i == depth - 1, **block_kwargs
+                )
+                for i in range(depth)
+            ]
+        )
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,7 +364,9 @@ class ClusterFormer(nn.Module):
             cluster centers"): the updated centers of the last block ``(B, K, heads * d)`` -> ``head_norm`` ->
             average over the K clusters -> one Linear; the last block's dispatching and channel MLP and the
             token norm ``norm`` then do not reach the logits (:meth:`parameters_unused_by_head`; the dense
-            tasks read them). ``"tokens"``: the last stage's tokens -> ``norm`` -> average -> Linear.
+            tasks read them). The last block builds what computes its centers even where its own output would
+            not read them (the BASELINE: Eq. 5's initial centers ``C0``; ``dispatch="none"``: its clustering).
+            ``"tokens"``: the last stage's tokens -> ``norm`` -> average -> Linear.
         embed_dims, depths: per stage.
         num_heads: per stage; default ``dim // 32`` (3/6/12/24 for the paper's widths), kept fixed when
             ``head_dim`` changes, as in Table 6d.
@@ -249,7 +378,8 @@ class ClusterFormer(nn.Module):
         m_step: ``"mean"`` (EM: normalised E-step, weighted-mean M-step) or ``"sum"`` (Algorithm 1 to the
             letter); see :class:`~clusterformer.layers.RecurrentClustering` and ``docs/architecture.md``.
         temperature: of the EM E-step's normalised logits (default 0.5; a buffer, so weights bring their own).
-        baseline: the paper's BASELINE (no center update, no dispatching); overrides both.
+        baseline: the paper's BASELINE (no center update, no dispatching; neither is built, except the last
+            block's initial centers for the center head); overrides both.
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
         layer_scale: initial per-channel residual scale (``None``: no layer scale).
@@ -304,7 +434,7 @@ class ClusterFormer(nn.Module):
         self.center_grid = tuple(center_grid)
 
         self.stem = CoordPatchEmbed(in_chans, embed_dims[0], 4, norm_layer)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # also under a meta device
         stages, self.feature_info = [], []
         in_dim = embed_dims[0]
         for i, (dim, depth) in enumerate(zip(embed_dims, depths, strict=True)):
@@ -316,6 +446,7 @@ class ClusterFormer(nn.Module):
                     depth,
                     downsample=i > 0,
                     drop_path=rates[start : start + depth],
+                    reads_centers=head == "centers" and num_classes > 0 and i == len(depths) - 1,
                     num_heads=num_heads[i],
                     head_dim=head_dim,
                     mlp_ratio=mlp_ratios[i],
@@ -352,8 +483,9 @@ class ClusterFormer(nn.Module):
     # --- timm interface -------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Similarity scale/shift scalars are not decayed (norms and biases are excluded by timm)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(("sim_alpha", "sim_beta"))}
+        """Similarity scale/shift and criss-cross gate scalars are not decayed (norms and biases are excluded by
+        timm)."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("sim_alpha", "sim_beta", "clustering.gamma"))}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -381,13 +513,24 @@ class ClusterFormer(nn.Module):
         """The classifier; the center head's norm exists only with a classifier (``num_classes > 0``), so that a
         backbone without one (the dense tasks', ``num_classes=0``) has no parameter that nothing reads."""
         reads_centers = self.head_source == "centers" and num_classes > 0
-        width = self.center_dim if reads_centers else self.embed_dims[len(self.stages) - 1]
+        last = self.stages[-1].blocks[-1]
+        center_dim = last.num_heads * last.head_dim
+        width = center_dim if reads_centers else self.embed_dims[len(self.stages) - 1]
         self.num_features = self.head_hidden_size = width
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
         if not reads_centers:
             self.head_norm = nn.Identity()
-        elif isinstance(getattr(self, "head_norm", nn.Identity()), nn.Identity):  # kept when the classes change
-            self.head_norm = self._norm_layer(self.center_dim)
+            return
+        if last.norm1 is None:  # a BASELINE built without a classifier: its last block gets Eq. 5's centers
+            last.read_centers()
+            last.center_init.apply(self._init_weights)
+        if isinstance(getattr(self, "head_norm", nn.Identity()), nn.Identity):  # kept when the classes change
+            self.head_norm = self._norm_layer(center_dim)
+
+    @property
+    def reads_centers(self) -> bool:
+        """Whether the classifier reads the centers of the last block (the center head with a classifier)."""
+        return not isinstance(self.head_norm, nn.Identity)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
@@ -401,32 +544,45 @@ class ClusterFormer(nn.Module):
 
     @torch.jit.ignore
     def parameters_unused_by_head(self) -> list[str]:
-        """Names of the parameters that :meth:`forward` (the classifier) does not reach: with the center head, the
-        token norm and the last block's dispatching and channel MLP; with ``dispatch="none"`` (or the BASELINE),
-        the clustering of every block whose centers are not read. The dense tasks read all of them; a
-        classification task freezes them (DDP needs every trained parameter to get a gradient)."""
+        """Names of the parameters that :meth:`forward` (the classifier, or the pooled features without one) does
+        not reach, in the order of ``named_parameters()``; exactly those that a backward pass of the logits leaves
+        without a gradient (``tests/test_center_head.py`` checks every variant of Table 6a, 6c and 6e):
+
+        * with the center head, the token norm ``norm`` and the last block's dispatching and channel MLP (with
+          their layer scales); with a center update ``"none"`` also its value projection (the centers stay ``C0``);
+        * in every other block without dispatching (``dispatch="none"``), its clustering: norm, Eq. 5 and the
+          update (the BASELINE builds none);
+        * with ``center_update="kmeans"``, the query and key projections and their norms, which only the one-hot
+          E-step reads (an argmax passes no gradient).
+
+        The dense tasks read the first two groups; a classification task freezes all of them (DDP needs every
+        trained parameter to get a gradient)."""
+        read = self.stages[-1].blocks[-1] if self.reads_centers else None
         unused = []
-        last = self.stages[-1].blocks[-1]
-        for name, module in self.named_modules():
-            if not isinstance(module, ClusterBlock):
+        for name, block in self.named_modules():
+            if not isinstance(block, ClusterBlock):
                 continue
-            read_centers = self.head_source == "centers" and module is last
             parts = []
-            if module.dispatch.mode == "none" and not read_centers:
-                parts += ["norm1", "center_init", "clustering", "dispatch", "gamma1"]
-            if read_centers:
+            if block is read:
                 parts += ["dispatch", "gamma1", "norm2", "mlp", "gamma2"]
-                if module.clustering.update == "none":  # the centers stay C0: the projections are not read
+                if isinstance(block.clustering, RecurrentClustering) and block.clustering.update == "none":
                     parts += ["clustering"]
-            for part in dict.fromkeys(parts):
-                child = getattr(module, part)
+            elif block.dispatch.mode == "none":
+                parts += ["norm1", "center_init", "clustering"]
+            if isinstance(block.clustering, RecurrentClustering) and block.clustering.update == "kmeans":
+                parts += ["clustering.q", "clustering.k", "clustering.q_norm", "clustering.k_norm"]
+            for part in parts:
+                child = block
+                for attribute in part.split("."):
+                    child = getattr(child, attribute, None)
                 if isinstance(child, nn.Parameter):
                     unused.append(f"{name}.{part}")
                 elif isinstance(child, nn.Module):
                     unused += [f"{name}.{part}.{p}" for p, _ in child.named_parameters()]
-        if self.head_source == "centers" and self.num_classes > 0:
+        if read is not None:
             unused += [f"norm.{p}" for p, _ in self.norm.named_parameters()]
-        return [name for name, _ in self.named_parameters() if name in set(unused)]  # in the model's order
+        unused = set(unused)
+        return [name for name, _ in self.named_parameters() if name in unused]
 
     def forward_intermediates(
         self,
@@ -452,9 +608,8 @@ class ClusterFormer(nn.Module):
         x = self.stem(x)
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        reads_centers = not isinstance(self.head_norm, nn.Identity)
         for i, stage in enumerate(stages):
-            if i == last and reads_centers:  # the last block's centers too, for what the head reads
+            if i == last and self.reads_centers:  # the last block's centers too, for what the head reads
                 x = stage.downsample(x)
                 for block in stage.blocks[:-1]:
                     x = block(x)
@@ -467,7 +622,7 @@ class ClusterFormer(nn.Module):
         if intermediates_only:
             return intermediates
         if len(stages) - 1 == last:
-            if reads_centers:
+            if self.reads_centers:
                 b, heads, k, d = centers.shape
                 x = self.head_norm(centers.transpose(1, 2).reshape(b, k, heads * d))
             else:
@@ -508,7 +663,7 @@ class ClusterFormer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> what the head reads: the normalised centers of the last block ``(B, K, heads * d)``
         (center head with a classifier), else the normalised last-stage tokens ``(B, H/32, W/32, C)``."""
-        if isinstance(self.head_norm, nn.Identity):
+        if not self.reads_centers:
             return self.norm(self.stages(self.stem(x)))
         return self.head_norm(self._last_centers(x))
 
@@ -524,7 +679,8 @@ class ClusterFormer(nn.Module):
     def forward_dense(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Features for the dense heads: the stage outputs ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32
         (the last one normalised) and the cluster centers of the last block, ``(B, K, heads * d)``,
-        which initialise the decoder's queries (paper Table 6f)."""
+        which initialise the decoder's queries (paper Table 6f); ``None`` for a model without clustering
+        (the BASELINE; with a center head, whose last block computes Eq. 5's initial centers, those)."""
         features = []
         x = self.stem(x)
         last = len(self.stages) - 1
@@ -541,6 +697,8 @@ class ClusterFormer(nn.Module):
                 x, centers, _ = stage.blocks[-1](x, return_clusters=True)
                 x = self.norm(x)
             features.append(x.permute(0, 3, 1, 2))
+        if centers is None:
+            return features, None
         b, heads, k, d = centers.shape
         return features, centers.transpose(1, 2).reshape(b, k, heads * d)
 
@@ -551,7 +709,10 @@ class ClusterFormer(nn.Module):
 
         Each entry holds ``centers (B, heads, K, d)`` and ``assignments (B, heads, K, H_i, W_i)``, the
         soft assignment of the last E-step (for the paper's update every token's assignment sums to 1
-        over the K clusters), or ``None`` where the centers are not updated.
+        over the K clusters; for ``vanilla`` and ``criss_cross`` the attention, which sums to 1 over the tokens;
+        for ``cosine`` Context Cluster's similarity to the nearest center), or ``None`` where the centers are not
+        updated. Both are ``None`` for a block without clustering (the BASELINE; the last block of a BASELINE
+        with the center head gives Eq. 5's initial centers, which it computes for the head, and no assignment).
         """
         clusters = []
         x = self.stem(x)

@@ -110,13 +110,23 @@ def _make_shapes(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DemoInterrupted, run_demo
 
     try:
-        run_demo(args.out, quick=args.quick, seed=args.seed, num_workers=args.num_workers, overwrite=args.overwrite)
+        run_demo(
+            args.out,
+            quick=args.quick,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
     except FileExistsError as error:  # an output folder holding something else; refused before any work
         print(f"clusterformer demo: error: {error}", file=sys.stderr)
         return 2
+    except DemoInterrupted as interruption:  # SIGTERM / SIGINT: which stage stopped, and how to go on
+        print(f"clusterformer demo: {interruption}", file=sys.stderr)
+        return interruption.exit_code
     return 0
 
 
@@ -353,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
         "each task in turn (classification of the shape crops, then detection, instance, semantic and panoptic "
         "segmentation from the classifier's encoder), evaluate every model before and after training, and write "
         "OUT/report (metrics.json, report.md, a training curve and a picture of predictions per task). Checkpoints "
-        "and logs go to OUT/<task>; OUT/demo.json records the options. A folder holding a demo run with other "
-        "options, or other files, is refused unless --overwrite.",
+        "and logs go to OUT/<task>; OUT/demo.json records the options and each finished stage. A folder holding a "
+        "demo run with other options, or other files, is refused unless --overwrite. SIGTERM or SIGINT stop the "
+        "run with status 128 + the signal's number (143, 130), naming the stage that was stopped; the finished "
+        "stages are kept, and --resume continues from the first unfinished one.",
     )
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     demo.add_argument(
@@ -362,11 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
-    demo.add_argument(
+    earlier = demo.add_mutually_exclusive_group()
+    earlier.add_argument(
         "--overwrite",
         action="store_true",
         help="replace what an earlier demo run wrote to --out; without it, a folder holding a demo run with other "
-        "options (or other files) is refused, and a run with the same options is replaced file by file",
+        "options (or other files) is refused, a finished run with the same options is replaced file by file, and "
+        "an unfinished one is refused (see --resume)",
+    )
+    earlier.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted demo run in --out (same options): the stages that it finished (recorded in "
+        "OUT/demo.json, their checkpoints, pictures and metrics there) are loaded, not trained again; the "
+        "others run from their start",
     )
     demo.set_defaults(func=_demo)
 

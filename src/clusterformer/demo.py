@@ -9,23 +9,54 @@ pictures of predictions).
 3. instance segmentation (mask head; mask AP);
 4. semantic segmentation (one query per class; mIoU);
 5. panoptic segmentation (PQ, PQ_th, PQ_st), all from step 1's encoder.
+
+The run has six stages (the data, then these five). ``OUT/demo.json`` records the options and, as each stage
+ends, what it left (its checkpoint's step, its pictures, its metrics): a run stopped by SIGTERM or SIGINT
+raises :class:`DemoInterrupted` (``clusterformer demo`` exits with 128 + the signal's number and says which
+stage was stopped), and ``--resume`` loads the stages recorded as finished instead of training them again and
+runs the rest. The dense stages always take the encoder from the classification stage's checkpoint, so that a
+resumed run reports what an uninterrupted one does.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 PRESETS = {
     # images per split, scene size, epochs per task
     "full": dict(num_train=1000, num_val=200, size=96, epochs=9, detection_epochs=5, set_epochs=5, semantic_epochs=3,
                  panoptic_epochs=4),
-    "quick": dict(num_train=300, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
+    "quick": dict(num_train=400, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
                   panoptic_epochs=3),
 }  # fmt: skip
 STAGES = 6
+# the stages in order: the folder each writes under OUT (its key in demo.json) and what it makes
+STAGE_NAMES = ("data", "classification", "detection", "instance", "semantic", "panoptic")
+STAGE_TITLES = {
+    "data": "the shapes dataset",
+    "classification": "classification",
+    "detection": "object detection",
+    "instance": "instance segmentation",
+    "semantic": "semantic segmentation",
+    "panoptic": "panoptic segmentation",
+}
+# the validation metrics printed (untrained -> trained) for each training stage
+SHOWN = {
+    "classification": ["val/top1"],
+    "detection": ["val/bbox_AP50"],
+    "instance": ["val/segm_AP50"],
+    "semantic": ["val/mIoU"],
+    "panoptic": ["val/PQ", "val/PQ_th", "val/PQ_st"],
+}
 SET_DECODER = dict(num_queries=20, dim=64, mask_dim=64, num_layers=3, num_heads=4, iterations=3, ffn_dim=256)
 # detection: one query per encoder cluster center (100), each query's first box a cell of a 10 x 10 grid
 DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
@@ -42,20 +73,135 @@ def _trainer_kwargs(out: Path) -> dict:
 DEMO_ENTRIES = ("data", "classification", "detection", "instance", "semantic", "panoptic", "report", "demo.json")
 
 
-def prepare_demo_folder(out: Path, options: dict, overwrite: bool = False) -> None:
-    """Make ``out`` ready for a demo run with ``options`` (the preset and the seed), before anything is written.
+def _stages(count: int) -> str:
+    return "stage 1 is" if count == 1 else f"stages 1-{count} are"
 
-    An empty folder, or one holding a demo run with the same options (``demo.json``), is used as it is: every
-    file is written again under the same name (the data with the same bytes). A demo run with other options, or
-    a folder holding other files, is an :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``,
-    which deletes the earlier run's entries (:data:`DEMO_ENTRIES`) and keeps other files."""
+
+class DemoInterrupted(BaseException):
+    """A demo run stopped by a signal, raised out of :func:`run_demo`. A ``BaseException``, as
+    ``KeyboardInterrupt``: nothing on its way takes it for an error of the stage. ``stage`` is the stage that was
+    stopped (``STAGES + 1``: the report); the stages before it are finished and recorded in ``demo.json``."""
+
+    def __init__(self, out: Path, stage: int, signum: int):
+        self.out, self.stage, self.signum = Path(out), stage, int(signum)
+        super().__init__(self.message())
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process that the signal ended (143 for SIGTERM)."""
+        return 128 + self.signum
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.stage > STAGES:
+            return (f"{self.out}: interrupted by {name} while writing the report; all {STAGES} stages are finished "
+                    "and kept; rerun with --resume to write the report")  # fmt: skip
+        title = STAGE_TITLES[STAGE_NAMES[self.stage - 1]]
+        where = f"{self.out}: interrupted by {name} during stage {self.stage}/{STAGES} ({title})"
+        if self.stage == 1:
+            return f"{where}; no stage had finished; rerun to start again"
+        return (f"{where}; {_stages(self.stage - 1)} finished and kept; rerun with --resume to continue from stage "
+                f"{self.stage}")  # fmt: skip
+
+
+@contextmanager
+def _signals_raise(interrupted: Callable[[int], BaseException]) -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGINT raise ``interrupted(signum)`` where the main thread is.
+
+    Without this, Lightning's handler (installed for every ``fit`` and ``validate``, and calling the handler it
+    found, this one, after its own) only sets a flag, and its loops then raise a ``SystemExit`` without a status:
+    the process exits 0 as if the demo had finished. A forked data-loading worker leaves the signal to the main
+    process (SIGINT: ``KeyboardInterrupt``, which PyTorch's workers take as the end). Outside the main thread
+    nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:
+            if signum == signal.SIGINT:
+                signal.default_int_handler(signum, frame)
+            return
+        raise interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier if earlier is not None else signal.SIG_DFL)
+
+
+def _global_step(checkpoint: Path) -> int:
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+
+
+def _data_finished(folder: Path, options: dict) -> bool:
+    """Whether ``folder`` holds the complete shapes dataset of the demo's ``options`` (its manifest says so, with
+    the same options, and every file it lists is there)."""
+    from .data.shapes import MANIFEST
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    wanted = {key: options[key] for key in ("seed", "num_train", "num_val", "size")}
+    if not isinstance(manifest, dict) or not manifest.get("complete") or manifest.get("options") != wanted:
+        return False
+    return all((folder / name).is_file() for name in manifest.get("files") or ())
+
+
+def _stage_finished(out: Path, name: str, entry, options: dict) -> bool:
+    """Whether the stage ``name`` that ``demo.json`` records as ``entry`` left everything it records: the data, or
+    the checkpoint at the recorded step, the pictures and the metrics."""
+    if not isinstance(entry, dict):
+        return False
+    if name == "data":
+        return _data_finished(out / "data", options)
+    try:
+        pictures_there = all((out / picture).is_file() for picture in entry["pictures"])
+        if not pictures_there or not isinstance(entry["metrics"], dict):
+            return False
+        return _global_step(out / entry["checkpoint"]) == entry["global_step"]
+    except Exception:  # a missing key or a checkpoint that does not load: not finished
+        return False
+
+
+def finished_stages(out: Path, record: dict, options: dict) -> dict[str, dict]:
+    """The entries of ``record`` (``demo.json``) of the stages that are finished, from the first stage on up to the
+    first one that is not (a stage after an unfinished one counts as unfinished: it may depend on it)."""
+    stages = record.get("stages") if isinstance(record.get("stages"), dict) else {}
+    finished = {}
+    for name in STAGE_NAMES:
+        if not _stage_finished(out, name, stages.get(name), options):
+            break
+        finished[name] = stages[name]
+    return finished
+
+
+def prepare_demo_folder(out: Path, options: dict, overwrite: bool = False, resume: bool = False) -> dict[str, dict]:
+    """Make ``out`` ready for a demo run with ``options`` (the preset and the seed), before anything is written;
+    returns the ``demo.json`` entries of the stages that the run loads instead of running (only with ``resume``).
+
+    An empty folder, or one holding a finished demo run with the same options (``demo.json``), is used as it is:
+    every file is written again under the same name (the data with the same bytes). An unfinished run with the
+    same options (stopped with at least one stage finished) is continued with ``resume``, and refused without it.
+    A demo run with other options, or a folder holding other files, is an
+    :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``, which deletes the earlier run's
+    entries (:data:`DEMO_ENTRIES`) and keeps other files."""
     from .outputs import OutputExistsError, check_output_folder, remove_outputs, write_json
 
+    if overwrite and resume:
+        raise ValueError("--resume and --overwrite exclude each other: continue the earlier run, or replace it")
     record = out / "demo.json"
     try:
         found = json.loads(record.read_text()) if record.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         found = None
+    kept = {}
     if overwrite:
         check_output_folder(out, overwrite=True)  # a file is still refused
         remove_outputs(out, DEMO_ENTRIES)
@@ -70,71 +216,138 @@ def prepare_demo_folder(out: Path, options: dict, overwrite: bool = False) -> No
                 f"{out}: holds a demo run with other options ({changed}); pass --overwrite to replace it, or choose "
                 "another folder"
             )
+        kept = finished_stages(out, found, options)
+        if kept and not resume and not found.get("finished"):
+            then = f"from stage {len(kept) + 1}" if len(kept) < STAGES else "by writing the report"
+            raise OutputExistsError(
+                f"{out}: holds an unfinished demo run with the same options ({_stages(len(kept))} finished); pass "
+                f"--resume to continue it {then}, or --overwrite to start again"
+            )
+        if not resume:
+            kept = {}
     else:
         check_output_folder(out, overwrite=False)
-    write_json(out / "demo.json", {"options": options})
+    write_json(out / "demo.json", {"options": options, "finished": False, "stages": kept})
+    return kept
 
 
 def run_demo(
-    out: str | Path, quick: bool = False, seed: int = 0, num_workers: int = 2, overwrite: bool = False, **overrides
+    out: str | Path,
+    quick: bool = False,
+    seed: int = 0,
+    num_workers: int = 2,
+    overwrite: bool = False,
+    resume: bool = False,
+    **overrides,
 ) -> dict:
     """Run the demo into ``out``; ``overrides`` replace entries of the preset (num_train, num_val, size,
     epochs, detection_epochs, set_epochs, semantic_epochs, panoptic_epochs). A folder holding something else
-    than a demo run with the same options is refused unless ``overwrite`` (:func:`prepare_demo_folder`).
-    Returns the metrics written to ``out/report/metrics.json``."""
+    than a demo run with the same options is refused unless ``overwrite`` (:func:`prepare_demo_folder`);
+    ``resume`` loads the stages that an earlier run with the same options finished. SIGTERM or SIGINT stop the
+    run with :class:`DemoInterrupted`. Returns the metrics written to ``out/report/metrics.json``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from .data import make_shapes
+    from .outputs import write_json
 
     preset = {**PRESETS["quick" if quick else "full"], **overrides}
     out = Path(out)
-    prepare_demo_folder(out, {**preset, "seed": seed}, overwrite)
+    options = {**preset, "seed": seed}
+    kept = prepare_demo_folder(out, options, overwrite, resume)
+    record = {"options": options, "finished": False, "stages": dict(kept)}
+    if resume:
+        if kept:
+            print(f"resuming the demo run in {out}: {_stages(len(kept))} finished and loaded", flush=True)
+        else:
+            print(f"{out}: no finished stage to resume; starting from stage 1", flush=True)
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
+    encoder = None
+
+    def dense_encoder() -> dict:
+        nonlocal encoder
+        if encoder is None:
+            encoder = classifier_encoder(out / "classification" / "checkpoints" / "last.ckpt")
+        return encoder
+
+    texts = {
+        "data": f"generating the shapes dataset in {out / 'data'}",
+        "classification": f"classification: clusterformer_nano, {preset['epochs']} epochs on the shape crops",
+        "detection": f"object detection: {preset['detection_epochs']} epochs on the scenes",
+        "instance": f"instance segmentation: {preset['set_epochs']} epochs",
+        "semantic": f"semantic segmentation: {preset['semantic_epochs']} epochs",
+        "panoptic": f"panoptic segmentation: {preset['panoptic_epochs']} epochs",
+    }
+    runners = {
+        "classification": lambda: run_classification(out, preset, seed, num_workers)[0],
+        "detection": lambda: run_sets(out, preset, seed, num_workers, dense_encoder(), "detection"),
+        "instance": lambda: run_sets(out, preset, seed, num_workers, dense_encoder(), "instance"),
+        "semantic": lambda: run_semantic(out, preset, seed, num_workers, dense_encoder()),
+        "panoptic": lambda: run_panoptic(out, preset, seed, num_workers, dense_encoder()),
+    }
+    current = 1
     start = time.perf_counter()
-    seconds = {}
+    with _signals_raise(lambda signum: DemoInterrupted(out, current, signum)):
+        try:
+            for current, name in enumerate(STAGE_NAMES, start=1):
+                if name in kept:
+                    print(f"[{current}/{STAGES}] {STAGE_TITLES[name]}: finished in an earlier run, loaded", flush=True)
+                    if name in SHOWN:
+                        _print_change(kept[name]["metrics"], SHOWN[name])
+                    continue
+                print(f"[{current}/{STAGES}] {texts[name]}", flush=True)
+                began = time.perf_counter()
+                if name == "data":
+                    make_shapes(out / "data", seed, preset["num_train"], preset["num_val"], preset["size"])
+                    entry = {}
+                else:
+                    shutil.rmtree(out / name, ignore_errors=True)  # what an unfinished run of the stage left
+                    result = runners[name]()
+                    _print_change(result, SHOWN[name])
+                    checkpoint = out / name / "checkpoints" / "last.ckpt"
+                    entry = {
+                        "checkpoint": checkpoint.relative_to(out).as_posix(),
+                        "global_step": _global_step(checkpoint),
+                        "pictures": [f"report/{name}_curve.png", f"report/{name}_predictions.png"],
+                        "metrics": result,
+                    }
+                entry["seconds"] = round(time.perf_counter() - began, 1)
+                record["stages"][name] = entry
+                write_json(out / "demo.json", record)  # the stage is finished
+            current = STAGES + 1
+            metrics = demo_metrics(preset, record["stages"])
+            write_json(report / "metrics.json", metrics, indent=2)
+            write_report(report / "report.md", metrics)
+            record["finished"] = True
+            write_json(out / "demo.json", record)
+        except SIGTERMException:  # Lightning's exit (status 0) on a SIGTERM that the handler above did not see
+            raise DemoInterrupted(out, current, signal.SIGTERM) from None
+    took = time.perf_counter() - start
+    shown = f" ({took:.0f} s in this run)" if kept else ""
+    print(f"done in {metrics['seconds']:.0f} s{shown}; report in {report}")
+    return metrics
 
-    def stage(number: int, text: str) -> None:
-        seconds[f"stage_{number}"] = round(time.perf_counter() - start, 1)
-        print(f"[{number}/{STAGES}] {text}", flush=True)
 
-    stage(1, f"generating the shapes dataset in {out / 'data'}")
-    make_shapes(out / "data", seed, preset["num_train"], preset["num_val"], preset["size"])
-
-    stage(2, f"classification: clusterformer_nano, {preset['epochs']} epochs on the shape crops")
-    classification, classifier = run_classification(out, preset, seed, num_workers)
-    _print_change(classification, ["val/top1"])
-    encoder = classifier.model.state_dict()
-
-    stage(3, f"object detection: {preset['detection_epochs']} epochs on the scenes")
-    detection = run_sets(out, preset, seed, num_workers, encoder, "detection")
-    _print_change(detection, ["val/bbox_AP50"])
-
-    stage(4, f"instance segmentation: {preset['set_epochs']} epochs")
-    instance = run_sets(out, preset, seed, num_workers, encoder, "instance")
-    _print_change(instance, ["val/segm_AP50"])
-
-    stage(5, f"semantic segmentation: {preset['semantic_epochs']} epochs")
-    semantic = run_semantic(out, preset, seed, num_workers, encoder)
-    _print_change(semantic, ["val/mIoU"])
-
-    stage(6, f"panoptic segmentation: {preset['panoptic_epochs']} epochs")
-    panoptic = run_panoptic(out, preset, seed, num_workers, encoder)
-    _print_change(panoptic, ["val/PQ", "val/PQ_th", "val/PQ_st"])
-
-    metrics = {
+def demo_metrics(preset: dict, stages: dict[str, dict]) -> dict:
+    """What ``report/metrics.json`` holds, from the stages' entries in ``demo.json``: the same for a run that was
+    resumed as for one that was not, but for the seconds (each stage's own, summed)."""
+    seconds = {name: stages[name]["seconds"] for name in STAGE_NAMES}
+    return {
         "model": "clusterformer_nano",
         "scenes": {"train": preset["num_train"], "val": preset["num_val"], "size": preset["size"]},
-        "classification": classification,
-        "detection": detection,
-        "instance": instance,
-        "semantic": semantic,
-        "panoptic": panoptic,
-        "seconds": round(time.perf_counter() - start, 1),
-        "stage_start_seconds": seconds,
+        **{name: stages[name]["metrics"] for name in STAGE_NAMES if name != "data"},
+        "seconds": round(sum(seconds.values()), 1),
+        "stage_seconds": seconds,
     }
-    (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_report(report / "report.md", metrics)
-    print(f"done in {metrics['seconds']:.0f} s; report in {report}")
-    return metrics
+
+
+def classifier_encoder(checkpoint: Path) -> dict:
+    """The classifier's model weights (encoder and classification head) from the classification stage's
+    checkpoint: what the dense stages start from, whether the stage ran in this process or an earlier one."""
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    return {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
 
 
 def _print_change(result: dict, keys: list[str]) -> None:

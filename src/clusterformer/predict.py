@@ -175,7 +175,8 @@ def eval_transform(model: TaskModel, size: int | None = None):
     if model.task == "classification":
         cfg = getattr(getattr(model.module, "model", None), "pretrained_cfg", None) or {}
         crop = size or model.data.get("img_size") or cfg.get("input_size", (3, 224, 224))[-1]
-        return transforms.classification_eval(crop, None if size else model.data.get("eval_resize"))
+        resize = None if size else model.data.get("eval_resize")
+        return transforms.classification_eval(crop, resize, interpolation=model.data.get("interpolation", "bicubic"))
     shorter = size or model.data.get("test_shorter_side") or 800
     longest = model.data.get("test_max_size") or 1333
     return transforms.dense_eval(shorter, max(longest, int(shorter * 5 / 3)) if size else longest)

@@ -184,8 +184,9 @@ def older_weights_settings(task: str, hparams: dict, state: dict) -> dict:
 def token_head_settings(task: str, hparams: dict, state: dict) -> dict:
     """The hyperparameters of a classifier written before the classification head read the cluster centers: its
     state has a classifier (``head.weight``) but no ``head_norm``, so it is rebuilt with ``head="tokens"``, unless
-    its settings name a head."""
-    if task != "classification" or "head.weight" not in state or "head_norm.weight" in state:
+    its settings name a head. The keys may carry the task's ``model.`` prefix (a Lightning checkpoint)."""
+    keys = {key.removeprefix("model.") for key in state}
+    if task != "classification" or "head.weight" not in keys or "head_norm.weight" in keys:
         return hparams
     hparams = dict(hparams)
     hparams["model_kwargs"] = {"head": "tokens", **(hparams.get("model_kwargs") or {})}

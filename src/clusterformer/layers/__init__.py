@@ -1,6 +1,7 @@
 """Building blocks of ClusterFormer. Depends on torch only."""
 
 from .clustering import CENTER_UPDATES, M_STEPS, CenterInit, RecurrentClustering, assignment_maps, is_tracing
+from .comparators import ContextClusterUpdate, CrissCrossUpdate, CrossAttentionUpdate
 from .dispatching import DISPATCHES, FeatureDispatch
 
 __all__ = [
@@ -8,6 +9,9 @@ __all__ = [
     "DISPATCHES",
     "M_STEPS",
     "CenterInit",
+    "ContextClusterUpdate",
+    "CrissCrossUpdate",
+    "CrossAttentionUpdate",
     "FeatureDispatch",
     "RecurrentClustering",
     "assignment_maps",

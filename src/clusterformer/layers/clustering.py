@@ -37,6 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
+# the center updates of RecurrentClustering; "vanilla", "cosine" and "criss_cross" are the methods that Table 6c
+# compares with, each its own module (layers/comparators.py)
+RECURRENT_UPDATES = ("recurrent", "kmeans", "none")
 M_STEPS = ("mean", "sum")
 # the center updates whose assignment sums to one over the clusters: the two M-steps differ for them only
 OVER_CLUSTERS = ("recurrent", "kmeans")
@@ -80,11 +83,15 @@ class CenterInit(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens (B, H, W, C)`` -> ``centers (B, K, center_dim)``, row-major over the grid."""
-        if is_tracing():
-            pooled = grid_pool(tokens, self.grid)
-        else:
-            pooled = F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), self.grid).flatten(2).transpose(1, 2)
-        return self.fc2(self.act(self.fc1(pooled)))
+        return self.fc2(self.act(self.fc1(adaptive_pool(tokens, self.grid))))
+
+
+def adaptive_pool(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``adaptive_avg_pool2d`` of ``tokens (B, H, W, C)`` to ``grid``, ``(B, K, C)`` row-major over the grid
+    (traced: :func:`grid_pool`, the same numbers)."""
+    if is_tracing():
+        return grid_pool(tokens, grid)
+    return F.adaptive_avg_pool2d(tokens.permute(0, 3, 1, 2), grid).flatten(2).transpose(1, 2)
 
 
 def grid_pool(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -121,7 +128,7 @@ def criss_cross_mask(grid: tuple[int, int], hw: tuple[int, int], device: torch.d
 
 
 class RecurrentClustering(nn.Module):
-    """Recurrent cross-attention clustering (Eq. 3, Algorithm 1) and the center updates of Table 6c.
+    """Recurrent cross-attention clustering (Eq. 3, Algorithm 1) and its K-Means form (Table 6c).
 
     Keys and values are projected from the tokens once per block; the query is re-projected from the
     current centers at every iteration with the same weights, so the parameter count does not depend
@@ -133,15 +140,11 @@ class RecurrentClustering(nn.Module):
           with ``m_step="sum"`` ``C <- C + M V_I`` (Algorithm 1 to the letter).
         * ``kmeans`` (kMaX-DeepLab): ``M = onehot(argmax_K(Q_C K_I^T))``, the same two M-steps (``mean``:
           each center the mean of its tokens' values; a cluster without tokens keeps its center).
-        * ``vanilla`` (Eq. 1): the softmax runs over the tokens instead of the clusters.
-        * ``cosine`` (Context Cluster): ``M = sigmoid(beta + alpha * cos(Q_C, K_I))`` and the update is
-          the M-weighted mean of the values, ``C <- C + M V_I / (sum_N M + 1)``.
-        * ``criss_cross`` (CCNet): ``vanilla`` restricted to the row band and the column band that cross
-          at the center's grid cell.
-        * ``none``: the centers stay at their initialisation (BASELINE and "+ dispatching" of Table 6a).
+        * ``none``: the centers stay at their initialisation ("+ Feature Dispatching" of Table 6a). Only the
+          value projection is built: the dispatching compares the centers with the values.
 
-    ``vanilla``, ``cosine`` and ``criss_cross`` already average (their assignment sums to one over the tokens,
-    or they divide by it) and keep their own formulas whatever ``m_step`` is.
+    The other center updates of Table 6c (vanilla cross-attention, criss-cross attention, Context Cluster's
+    cosine clustering) are the cited methods, each its own module (:mod:`clusterformer.layers.comparators`).
 
     ``temperature`` (EM only; ``None``: ``DEFAULT_TEMPERATURE``, 0.5) divides the normalised logits. It is a
     buffer of the state dict: loading weights sets it to the value they were trained at (EM weights saved
@@ -160,7 +163,12 @@ class RecurrentClustering(nn.Module):
         temperature: float | None = None,
     ):
         super().__init__()
-        if update not in CENTER_UPDATES:
+        if update not in RECURRENT_UPDATES:
+            if update in CENTER_UPDATES:
+                raise ValueError(
+                    f"center update {update!r} is not a recurrent clustering: it is its own module "
+                    "(clusterformer.layers.comparators), built by ClusterBlock"
+                )
             raise ValueError(f"center update must be one of {CENTER_UPDATES}, got {update!r}")
         if m_step not in M_STEPS:
             raise ValueError(f"m_step must be one of {M_STEPS}, got {m_step!r}")
@@ -188,16 +196,14 @@ class RecurrentClustering(nn.Module):
             default = DEFAULT_TEMPERATURE if temperature is None else temperature
             self.register_buffer("temperature", torch.tensor(float(default)))
         inner = num_heads * head_dim
-        self.k = nn.Linear(dim, inner)
+        # without a center update nothing reads keys or queries: only the values are built
+        self.k = nn.Linear(dim, inner) if update != "none" else None
         self.v = nn.Linear(dim, inner)
-        self.q = nn.Linear(head_dim, head_dim)
+        self.q = nn.Linear(head_dim, head_dim) if update != "none" else None
         if self.em:  # QK-norm within a head, gains shared by the heads (as the query projection)
             self.q_norm = nn.LayerNorm(head_dim)
             self.k_norm = nn.LayerNorm(head_dim)
             self.init_as_kmeans()
-        if update == "cosine":
-            self.sim_alpha = nn.Parameter(torch.ones(1))
-            self.sim_beta = nn.Parameter(torch.zeros(1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # EM weights saved before the temperature was a buffer (QK-norm keys, no temperature) were trained at 1
@@ -221,14 +227,15 @@ class RecurrentClustering(nn.Module):
 
     def project(
         self, tokens: torch.Tensor, key_tokens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """``tokens (B, N, C)`` -> ``keys (B * heads, N, d)`` and ``values (B * heads, d, N)``, computed
         once per block. ``key_tokens`` (default ``tokens``) feed the keys only: the decoder adds the
-        position embedding there, as DETR adds it to the keys and not to the values."""
+        position embedding there, as DETR adds it to the keys and not to the values. Without a center
+        update there are no keys (``None``)."""
         b, n, _ = tokens.shape
         h, d = self.num_heads, self.head_dim
         key_tokens = tokens if key_tokens is None else key_tokens
-        keys = self.k(key_tokens).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
+        keys = None if self.k is None else self.k(key_tokens).view(b, n, h, d).transpose(1, 2).reshape(b * h, n, d)
         values = self.v(tokens).view(b, n, h, d).permute(0, 2, 3, 1).reshape(b * h, d, n)
         return keys, values
 
@@ -240,7 +247,7 @@ class RecurrentClustering(nn.Module):
         Args:
             centers: initial centers, transposed, ``(S, d, K)``.
             keys: ``(S, N, d)``; values: ``(S, d, N)``.
-            hw: the token grid ``(H, W)``, ``H * W = N`` (used by ``criss_cross``).
+            hw: the token grid ``(H, W)``, ``H * W = N`` (not used here; the comparators' signature).
 
         Returns:
             the updated centers ``(S, d, K)`` and the last assignment ``(S, N, K)`` (``None`` when
@@ -250,19 +257,14 @@ class RecurrentClustering(nn.Module):
             return centers, None
         if self.em:
             return self._em(centers, keys, values)
-        mask = criss_cross_mask(self.grid, hw, keys.device) if self.update == "criss_cross" else None
         # the 1/sqrt(d) of scaled dot-product attention, folded into the (shared) query projection
         q_weight = (self.q.weight * self.scale).expand(centers.shape[0], -1, -1)
         q_bias = (self.q.bias * self.scale)[:, None]
         assignments = None
         for _ in range(self.iterations):
             queries = torch.baddbmm(q_bias, q_weight, centers)  # (S, d, K), same weights every time
-            assignments = self.assign(queries, keys, mask)  # E-step
-            if self.update == "cosine":
-                mass = assignments.sum(dim=1, keepdim=True) + 1.0  # (S, 1, K)
-                centers = centers + torch.bmm(values, assignments) / mass
-            else:
-                centers = torch.baddbmm(centers, values, assignments)  # M-step: C <- C + M V
+            assignments = self.assign(queries, keys)  # E-step
+            centers = torch.baddbmm(centers, values, assignments)  # M-step: C <- C + M V
         return centers, assignments
 
     def _em(
@@ -282,26 +284,19 @@ class RecurrentClustering(nn.Module):
         assignments = None
         for _ in range(self.iterations):
             queries = F.layer_norm(self.q(centers), (d,), gain, shift)  # (S, K, d)
-            assignments = self.assign(queries.transpose(1, 2), keys, None)  # E-step, (S, N, K)
+            assignments = self.assign(queries.transpose(1, 2), keys)  # E-step, (S, N, K)
             mass = assignments.sum(dim=1).unsqueeze(-1)  # (S, K, 1)
             summed = torch.baddbmm(centers, assignments.transpose(1, 2), values, beta=eps)  # eps C + M^T V
             centers = summed / (mass + eps)  # M-step
         return centers.transpose(1, 2), assignments
 
-    def assign(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def assign(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """E-step: queries ``(S, d, K)`` (already scaled by ``1/sqrt(d)``) and keys ``(S, N, d)`` ->
         assignment ``(S, N, K)``."""
-        if self.update == "cosine":  # scale-invariant: the folded 1/sqrt(d) does not matter
-            cos = torch.bmm(unit(keys, -1), unit(queries, 1))
-            return torch.sigmoid(self.sim_beta + self.sim_alpha * cos)
         logits = torch.bmm(keys, queries)  # (S, N, K)
         if self.update == "recurrent":
             return logits.softmax(dim=-1)  # over the clusters: each token's row sums to 1
-        if self.update == "kmeans":
-            return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        if mask is not None:
-            logits = logits.masked_fill(~mask, float("-inf"))
-        return logits.softmax(dim=1)  # vanilla / criss-cross: over the tokens
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)  # kmeans
 
 
 def assignment_maps(assignments: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:

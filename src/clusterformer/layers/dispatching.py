@@ -44,15 +44,20 @@ class FeatureDispatch(nn.Module):
         dim: token channels.
         mode: one of :data:`DISPATCHES`.
         hard: top-1 mask for ``ours``.
+        update_similarity: ``fc_similarity`` reads the similarity that the center update passes as its
+            assignment instead of computing one (no scale and shift of its own).
     """
 
-    def __init__(self, center_dim: int, dim: int, mode: str = "ours", hard: bool = False):
+    def __init__(
+        self, center_dim: int, dim: int, mode: str = "ours", hard: bool = False, update_similarity: bool = False
+    ):
         super().__init__()
         if mode not in DISPATCHES:
             raise ValueError(f"dispatching must be one of {DISPATCHES}, got {mode!r}")
         self.mode = mode
         self.hard = hard
-        if mode in ("ours", "fc_similarity"):
+        self.update_similarity = update_similarity and mode == "fc_similarity"
+        if mode == "ours" or (mode == "fc_similarity" and not self.update_similarity):
             self.sim_alpha = nn.Parameter(torch.ones(1))
             self.sim_beta = nn.Parameter(torch.zeros(1))
         self.proj = nn.Linear(center_dim, dim) if mode != "none" else None
@@ -74,9 +79,13 @@ class FeatureDispatch(nn.Module):
             if self.hard:
                 weights = weights * top1_mask(weights)
             centers = centers / centers.shape[-1]  # the 1/K of Eq. 6
-        elif self.mode == "fc_similarity":
+        elif self.mode == "fc_similarity" and not self.update_similarity:
             weights = self.similarity(centers, values)
             weights = weights * top1_mask(weights)
+        elif self.mode == "fc_similarity":
+            if assignments is None:
+                raise ValueError("dispatching 'fc_similarity' after this update needs its similarity")
+            weights = assignments  # the update's similarity, already kept for the most similar center only
         elif assignments is None:
             raise ValueError(f"dispatching {self.mode!r} needs the E-step assignments")
         elif self.mode == "fc":

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import timm
 import torch
+from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.utils.data import DataLoader
@@ -28,6 +30,38 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def mixing(
+    num_classes: int,
+    label_smoothing: float,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    mode: str = "batch",
+) -> Mixup | None:
+    """timm's batch Mixup / CutMix with the label smoothing folded into the soft targets, or ``None`` when both
+    alphas are 0. mmclassification's Swin recipe is ``mixing(1000, 0.1, 0.8, 1.0)``: every batch mixed, by
+    Mixup or CutMix with equal chance."""
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: must be >= 0 (0 turns one off)")
+    for name, value in (("mix_prob", prob), ("mix_switch_prob", switch_prob)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name}={value}: must be a probability in [0, 1]")
+    if mode not in ("batch", "pair", "elem"):
+        raise ValueError(f"mix_mode={mode!r}: expected 'batch', 'pair' or 'elem'")
+    if mixup_alpha == 0 and cutmix_alpha == 0:
+        return None
+    return Mixup(
+        mixup_alpha=mixup_alpha,
+        cutmix_alpha=cutmix_alpha,
+        prob=prob,
+        switch_prob=switch_prob,
+        mode=mode,
+        label_smoothing=label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 class ClassificationTask(L.LightningModule):
     """Train / evaluate a timm classifier (ClusterFormer by default) with top-1 / top-5.
 
@@ -37,7 +71,12 @@ class ClassificationTask(L.LightningModule):
         model_kwargs: extra constructor options (e.g. ClusterFormer variants, ``drop_path_rate``).
         lr, weight_decay, betas: AdamW (no decay on norms, biases and ``no_weight_decay()``).
         warmup_epochs: linear warm-up, then cosine annealing to ``lr * min_lr_ratio`` (per step).
-        label_smoothing: of the cross-entropy.
+        label_smoothing: of the cross-entropy (of the mixed targets when mixing is on).
+        mixup_alpha, cutmix_alpha: Beta parameters of timm's Mixup and CutMix on each training batch (0 turns
+            one off; both 0: plain cross-entropy on the labels). With either on, the batch's targets become
+            soft (mixed, then smoothed) and the training loss is timm's ``SoftTargetCrossEntropy``.
+        mix_prob: probability that a batch is mixed; ``mix_switch_prob``: probability of CutMix rather than
+            Mixup when both are on; ``mix_mode``: timm's ``"batch"`` (one mix per batch), ``"pair"``, ``"elem"``.
     """
 
     def __init__(
@@ -51,17 +90,27 @@ class ClassificationTask(L.LightningModule):
         warmup_epochs: float = 20,
         min_lr_ratio: float = 1e-3,
         label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        mix_switch_prob: float = 0.5,
+        mix_mode: str = "batch",
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model = timm.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        # parameters the classifier does not reach (ClusterFormer's center head: the last block's dispatching and
-        # MLP, the token norm) are frozen: they would get no gradient, which DDP refuses; the dense tasks train them
+        # parameters the classifier does not reach (ClusterFormer's parameters_unused_by_head: with the center head
+        # the last block's dispatching and MLP and the token norm, which the dense tasks train; an idle clustering;
+        # the k-means projections) are frozen: they would get no gradient, which DDP refuses
         unused = set(getattr(self.model, "parameters_unused_by_head", list)())
         for name, parameter in self.model.named_parameters():
             if name in unused:
                 parameter.requires_grad_(False)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.mixup = mixing(
+            num_classes, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, mix_mode
+        )  # fmt: skip
+        self.soft_criterion = SoftTargetCrossEntropy() if self.mixup is not None else None
         top_k = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
@@ -85,7 +134,17 @@ class ClassificationTask(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = self.criterion(self(images), labels)
+        if self.mixup is None:
+            loss = self.criterion(self(images), labels)
+        else:
+            if len(images) % 2:
+                raise ValueError(
+                    f"Mixup/CutMix needs an even training batch (timm mixes sample i with sample n-1-i), got "
+                    f"{len(images)} images: use an even batch_size (a last partial batch is dropped when the "
+                    "training set holds more than one batch)"
+                )
+            images, targets = self.mixup(images, labels)  # targets: (B, num_classes), rows sum to 1
+            loss = self.soft_criterion(self(images), targets)
         check_finite(self, loss)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
@@ -138,7 +197,10 @@ class ImageFolderData(L.LightningDataModule):
         train_dir, val_dir, test_dir: sub-folders (``test_dir`` defaults to ``val_dir``).
         img_size: training crop and test crop; ``eval_resize``: shorter side before the test crop.
         crop_scale, randaugment, random_erasing: training augmentation (RandomResizedCrop with
-            ``crop_scale`` and a horizontal flip always).
+            ``crop_scale`` and a horizontal flip always); ``randaugment`` is a timm RandAugment string
+            (``True``: ``"rand-m9-mstd0.5-inc1"``; ``False``: off), ``random_erasing`` the probability.
+        random_erasing_mode: fill of the erased rectangle (timm's ``"pixel"``, ``"rand"``, ``"const"``).
+        interpolation: of every resize (training crop, RandAugment, test resize).
         skip_unreadable: warn about and skip corrupt images instead of stopping.
     """
 
@@ -153,9 +215,11 @@ class ImageFolderData(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 4,
         crop_scale: tuple[float, float] = (0.08, 1.0),
-        randaugment: bool = True,
+        randaugment: bool | str | None = True,
         random_erasing: float = 0.25,
         skip_unreadable: bool = False,
+        random_erasing_mode: str = "pixel",
+        interpolation: str = "bicubic",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -167,6 +231,7 @@ class ImageFolderData(L.LightningDataModule):
         self.classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
         if not self.classes:
             raise ValueError(f"{train_root}: no class folders (expected one sub-folder per class)")
+        self.train_transform(), self.eval_transform()  # bad transform settings fail here, not at the first batch
 
     @property
     def num_classes(self) -> int:
@@ -175,13 +240,20 @@ class ImageFolderData(L.LightningDataModule):
     def describe(self) -> str:
         return str(self.root / self.hparams.train_dir)
 
+    def train_transform(self):
+        h = self.hparams
+        return transforms.classification_train(
+            h.img_size, h.crop_scale, h.randaugment, h.random_erasing,
+            interpolation=h.interpolation, random_erasing_mode=h.random_erasing_mode,
+        )  # fmt: skip
+
+    def eval_transform(self):
+        h = self.hparams
+        return transforms.classification_eval(h.img_size, h.eval_resize, interpolation=h.interpolation)
+
     def _dataset(self, folder: str, train: bool) -> CheckedImageFolder:
         h = self.hparams
-        transform = (
-            transforms.classification_train(h.img_size, h.crop_scale, h.randaugment, h.random_erasing)
-            if train
-            else transforms.classification_eval(h.img_size, h.eval_resize)
-        )
+        transform = self.train_transform() if train else self.eval_transform()
         dataset = CheckedImageFolder(self.root / folder, transform, h.skip_unreadable)
         if dataset.classes != self.classes:
             raise ValueError(
