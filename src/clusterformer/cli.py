@@ -592,10 +592,28 @@ def run_lightning(argv: list[str]) -> int:
             args=argv,
             save_config_kwargs={"overwrite": True},
         )
-    except RunExistsError as error:  # refused before anything is written
-        print(f"clusterformer {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:  # a refusal, before anything is written: one line; other errors are Lightning's
+        refusal = _refusal(error)
+        if refusal is None:
+            raise
+        print(f"clusterformer {argv[0]}: error: {refusal}", file=sys.stderr)
         return 2
     return 0
+
+
+def _refusal(error: BaseException) -> Exception | None:
+    """The :class:`RunExistsError` or :class:`~clusterformer.weights.CheckpointError` that ``error`` is or was
+    raised from (jsonargparse raises its own error from what a model's constructor raised, e.g. weights that do
+    not fit the encoder)."""
+    from .weights import CheckpointError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RunExistsError | CheckpointError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
