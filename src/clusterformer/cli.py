@@ -546,6 +546,54 @@ def refuse_changed_settings(requested: dict, path: Path) -> None:
         )
 
 
+def task_of(model_class, task: str | None = None) -> str | None:
+    """The task (one of ``weights.TASKS``) that a LightningModule class trains, ``task`` being a ``SetTask``'s
+    ``detection`` or ``instance``; ``None`` for a class that is none of the package's tasks."""
+    from .tasks import ClassificationTask, PanopticTask, SemanticTask, SetTask
+
+    if not isinstance(model_class, type):
+        return None
+    if issubclass(model_class, SetTask):
+        return task or "detection"
+    for cls, name in ((ClassificationTask, "classification"), (SemanticTask, "semantic"), (PanopticTask, "panoptic")):
+        if issubclass(model_class, cls):
+            return name
+    return None
+
+
+def _configured_class(class_path: str | None):
+    """The class a config's ``class_path`` names (``None`` if it does not import)."""
+    import importlib
+
+    module, _, name = str(class_path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
+def refuse_other_checkpoint(path: Path, expected: str | None) -> None:
+    """A :class:`~clusterformer.weights.CheckpointError` naming ``path`` when it is not a checkpoint that loads
+    weights-only (truncated, not a checkpoint, a pickle that would run code: ``weights.load_checkpoint``), or,
+    ``expected`` being the task of the model to train, a checkpoint of another task. Lightning would otherwise
+    print ``torch.load``'s traceback, or rebuild the model from the other task's settings and fail in the loss."""
+    from .weights import CheckpointError, checkpoint_task, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; --ckpt_path takes a checkpoint that 'clusterformer fit' wrote") from None
+    if expected is None:
+        return
+    found = checkpoint_task(checkpoint, path)
+    if found != expected:
+        raise CheckpointError(
+            f"{path}: a {found} checkpoint, but the config trains a {expected} model; resume from a checkpoint of a "
+            f"{expected} run, or start a new run from another task's encoder through its weights "
+            "('clusterformer convert --backbone-only', docs/deployment.md)"
+        )
+
+
 def _clusterformer_cli():
     """LightningCLI with what ``clusterformer fit`` adds: ``--run_dir`` and the refusal of an earlier run."""
     from lightning.pytorch.cli import LightningCLI
@@ -554,8 +602,9 @@ def _clusterformer_cli():
         """``--run_dir DIR`` moves every output of the run (``default_root_dir``, the loggers' ``save_dir``, the
         callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` writes its
         checkpoints with :class:`~clusterformer.checkpoint_io.AtomicCheckpointIO` and resumes only
-        from a ``--ckpt_path`` (a path, or ``last``), with the run's settings (:func:`refuse_changed_settings`);
-        without one, checkpoint folders that hold an earlier run are refused (:func:`refuse_earlier_run`)."""
+        from a ``--ckpt_path`` (a path, or ``last``) of the config's task (:func:`refuse_other_checkpoint`), with
+        the run's settings (:func:`refuse_changed_settings`); without one, checkpoint folders that hold an earlier
+        run are refused (:func:`refuse_earlier_run`)."""
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument(
@@ -572,6 +621,12 @@ def _clusterformer_cli():
             model = self.config[subcommand].get("model") if subcommand else None
             init_args = getattr(model, "init_args", None)
             self.requested_settings = init_args.as_dict() if init_args is not None else {}
+            self.requested_task = task_of(
+                _configured_class(getattr(model, "class_path", None)), self.requested_settings.get("task")
+            )
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "fit" else None
+            if ckpt_path and Path(ckpt_path).is_file():  # before Lightning reads the file's settings
+                refuse_other_checkpoint(Path(ckpt_path), self.requested_task)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
@@ -593,6 +648,8 @@ def _clusterformer_cli():
                 return
             resumed = resumed_checkpoint(self.trainer, str(ckpt_path))
             if resumed is not None:
+                if str(ckpt_path) == "last":  # a file path was checked before Lightning read it
+                    refuse_other_checkpoint(resumed, task_of(type(self.model), self.model.hparams.get("task")))
                 refuse_changed_settings(self.requested_settings, resumed)
                 refuse_earlier_run(self.trainer, resumed)
 
@@ -613,10 +670,28 @@ def run_lightning(argv: list[str]) -> int:
             args=argv,
             save_config_kwargs={"overwrite": True},
         )
-    except RunExistsError as error:  # refused before anything is written
-        print(f"clusterformer {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:  # a refusal, before anything is written: one line; other errors are Lightning's
+        refusal = _refusal(error)
+        if refusal is None:
+            raise
+        print(f"clusterformer {argv[0]}: error: {refusal}", file=sys.stderr)
         return 2
     return 0
+
+
+def _refusal(error: BaseException) -> Exception | None:
+    """The :class:`RunExistsError` or :class:`~clusterformer.weights.CheckpointError` that ``error`` is or was
+    raised from (jsonargparse raises its own error from what a model's constructor raised, e.g. weights that do
+    not fit the encoder)."""
+    from .weights import CheckpointError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RunExistsError | CheckpointError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
