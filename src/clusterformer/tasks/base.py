@@ -185,7 +185,7 @@ class DenseTask(L.LightningModule):
 
     def check_data(self, data) -> None:
         """A :class:`SettingError` when the data module ``data`` does not fit the model (its number of classes);
-        ``clusterformer fit`` calls it before training, ``setup`` for every other caller."""
+        the ``clusterformer`` command calls it before it runs anything, ``setup`` for every other caller."""
         check_num_classes(self, data, self.class_word)
 
     def setup(self, stage: str) -> None:

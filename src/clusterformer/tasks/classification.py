@@ -82,7 +82,7 @@ class ClassificationTask(L.LightningModule):
 
     def check_data(self, data) -> None:
         """A :class:`~clusterformer.errors.SettingError` when the data module ``data`` has another number of classes;
-        ``clusterformer fit`` calls it before training, ``setup`` for every other caller."""
+        the ``clusterformer`` command calls it before it runs anything, ``setup`` for every other caller."""
         check_num_classes(self, data, "classes")
 
     def setup(self, stage: str) -> None:
