@@ -6,10 +6,13 @@ import argparse
 import json
 import math
 import sys
+import time
+import traceback
 import warnings
 from pathlib import Path
 
 from . import __version__
+from .errors import InputError
 from .explain import add_explain_parser
 from .export import add_export_parser
 from .predict import add_predict_parser, is_lightning_predict
@@ -454,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 LIGHTNING_COMMANDS = {
     "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]; resume a "
-    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR",
+    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR; bad input is one "
+    "line naming the key or file (fit, validate, test: --verbose adds the traceback)",
     "validate": "evaluate a checkpoint on the validation set: clusterformer validate --config FILE --ckpt_path CKPT",
     "test": "evaluate a checkpoint on the test set: clusterformer test --config FILE --ckpt_path CKPT",
     "predict": "run a checkpoint on the predict set: clusterformer predict --config FILE --ckpt_path CKPT",
@@ -479,7 +483,7 @@ def checkpoint_folders(trainer) -> list[Path]:
     return list(dict.fromkeys(folders))
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(InputError, FileExistsError):
     """``fit`` into checkpoint folders that hold another run, or a resume with other settings than the run's."""
 
 
@@ -594,6 +598,10 @@ def refuse_other_checkpoint(path: Path, expected: str | None) -> None:
         )
 
 
+# what Lightning's ckpt_path takes besides a file: the checkpoint folders' newest or best, SLURM's, a registry's
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
+
+
 def _clusterformer_cli():
     """LightningCLI with what ``clusterformer fit`` adds: ``--run_dir`` and the refusal of an earlier run."""
     from lightning.pytorch.cli import LightningCLI
@@ -635,6 +643,19 @@ def _clusterformer_cli():
 
                 redirect_outputs(config.trainer, Path(config.run_dir))
 
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            # the checkpoint file and the data against the model (its number of classes) before the trainer writes
+            # anything: Lightning and the tasks' setup() check them inside fit, after the loggers' folders and an
+            # on_exception checkpoint are written
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            named = str(ckpt_path) in CKPT_PATH_NAMES or str(ckpt_path).startswith("registry:")
+            if ckpt_path is not None and not named and not Path(ckpt_path).is_file():
+                raise InputError(f"{ckpt_path}: checkpoint file not found (ckpt_path)")
+            check_data = getattr(self.model, "check_data", None)
+            if check_data is not None and self.datamodule is not None:
+                check_data(self.datamodule)
+
         def before_fit(self) -> None:
             from .checkpoint_io import use_atomic_checkpoints
 
@@ -656,25 +677,54 @@ def _clusterformer_cli():
     return ClusterFormerCLI
 
 
+VERBOSE = "--verbose"
+
+
 def run_lightning(argv: list[str]) -> int:
     """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
-    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``)."""
+    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``).
+
+    Bad input — a config key or value the parser refuses, a setting or dataset that a task or data module
+    refuses (:class:`~clusterformer.errors.InputError`), a run that would continue another — is one line on
+    stderr, ``clusterformer <command>: error: <key or path>: <problem>``, and exit status 2; with ``--verbose``
+    (taken out of ``argv`` here) the traceback comes first. Any other exception is raised with its traceback."""
     import lightning as L
 
+    from .config_errors import bad_input_message
+
+    verbose = VERBOSE in argv[1:]
+    command, args = argv[0], [arg for arg in argv[1:] if arg != VERBOSE]
+    # LightningCLI warns when given args while sys.argv holds arguments: ours, minus --verbose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    no_exit = {"exit_on_error": False}  # the parser raises its errors instead of printing its usage and exiting
+    cli_class = _clusterformer_cli()
+    cli = cli_class.__new__(cli_class)  # made before it runs: its parser and trainer are at hand when it fails
+    started = time.time()
     try:
-        _clusterformer_cli()(
+        cli.__init__(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=argv,
+            args=[command, *args],
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={**no_exit, **{name: dict(no_exit) for name in LIGHTNING_COMMANDS}},
         )
-    except Exception as error:  # a refusal, before anything is written: one line; other errors are Lightning's
-        refusal = _refusal(error)
-        if refusal is None:
+    except Exception as error:
+        parser = getattr(cli, "_subcommand_parsers", {}).get(command)
+        error = _subcommand_error(error, parser, args)
+        message = bad_input_message(error, parser, args)
+        if message is None:  # a checkpoint or weight file that cannot be used (also raised through jsonargparse)
+            refusal = _refusal(error)
+            message = None if refusal is None else str(refusal)
+        if message is None:  # a fault, not bad input
             raise
-        print(f"clusterformer {argv[0]}: error: {refusal}", file=sys.stderr)
+        if verbose:
+            traceback.print_exception(error)
+        saved = _interrupted_checkpoint(getattr(cli, "trainer", None), started) if command == "fit" else None
+        if saved is not None:  # training stopped on bad data: the work so far is kept
+            message += f"; the state at the interruption is in {saved}: continue with --ckpt_path last once fixed"
+        print(f"clusterformer {command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -692,6 +742,30 @@ def _refusal(error: BaseException) -> Exception | None:
         seen.add(id(error))
         error = error.__cause__
     return None
+
+
+def _subcommand_error(error: Exception, parser, args: list[str]) -> Exception:
+    """The subcommand parser's own error for the main parser's "unrecognized arguments: fit ...", which is all that
+    jsonargparse reports when the subcommand's arguments fail to parse (a misspelled trainer key, in a config
+    file or on the command line)."""
+    from argparse import ArgumentError
+
+    if not (isinstance(error, ArgumentError) and parser is not None and "unrecognized arguments:" in str(error)):
+        return error
+    try:
+        parser.parse_args(args)
+    except ArgumentError as own:
+        return own
+    return error
+
+
+def _interrupted_checkpoint(trainer, since: float) -> Path | None:
+    """The ``on_exception.ckpt`` that an ``OnExceptionCheckpoint`` of ``trainer`` wrote after ``since``."""
+    if trainer is None:
+        return None
+    found = [folder / "on_exception.ckpt" for folder in checkpoint_folders(trainer)]
+    found = [path for path in found if path.is_file() and path.stat().st_mtime >= since]
+    return found[0] if found else None
 
 
 def main(argv: list[str] | None = None) -> int:

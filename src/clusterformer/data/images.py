@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DatasetError
 
-class ImageReadError(ValueError):
+
+class ImageReadError(DatasetError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 
