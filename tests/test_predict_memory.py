@@ -3,7 +3,6 @@ model's input size and the result is enlarged by nearest neighbour, so no tensor
 size is ever made; the results keep the image's size and agree with themselves (areas, boxes)."""
 
 import json
-import warnings
 
 import lightning as L
 import numpy as np
@@ -21,6 +20,7 @@ from clusterformer.cli import main
 from clusterformer.metrics.panoptic import read_ids_png
 from clusterformer.predict import NearestResize
 from clusterformer.tasks import CocoData, PanopticData, PanopticTask, SemanticData, SemanticTask, SetTask
+from conftest import save_after_one_step
 
 DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=1, num_heads=4, iterations=1, ffn_dim=64)
 SIZE = 64  # the model's input (test_shorter_side)
@@ -56,16 +56,7 @@ def checkpoint(shapes_dir, tmp_path_factory):
         path = folder / f"{task}.ckpt"
         if not path.exists():
             L.seed_everything(0, verbose=False)
-            module, data = _task_and_data(task, root)
-            trainer = L.Trainer(
-                accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                default_root_dir=str(folder),
-            )  # fmt: skip
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                trainer.fit(module, data)
-            trainer.save_checkpoint(path)
+            save_after_one_step(*_task_and_data(task, root), path)
         return path
 
     return make
