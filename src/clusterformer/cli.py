@@ -90,7 +90,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _img_size(text: str):
-    from .benchmark import parse_img_size
+    from .data.images import parse_img_size
 
     try:
         return parse_img_size(text)

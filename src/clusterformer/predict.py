@@ -32,11 +32,10 @@ import torch
 from PIL import Image
 
 from . import pictures
-from .data.images import ImageReadError, load_rgb
+from .data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 DEFAULT_SCORE_THRESHOLD = 0.5  # detection / instance overlays
 MAX_OVERLAY_SIDE = 2048  # overlays of larger images are drawn on the image scaled down to this longer side
 # what predict writes into its folder, for every task: the previous results that --overwrite deletes
@@ -60,7 +59,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
                 p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
             )
             if not found:
-                raise PredictError(f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise PredictError(f"{path}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
             paths += found
         elif path.is_file():
             paths.append(path)

@@ -6,10 +6,9 @@ import logging
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import DatasetError, DatasetNotFoundError
-from .images import ImageReadError, load_rgb
+from .images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ class CheckedImageFolder(ImageFolder):
         if not classes:
             raise DatasetError(f"{root}: no class folders (expected one sub-folder per class)")
         for name in classes:
-            if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (root / name).rglob("*") if p.is_file()):
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in (root / name).rglob("*") if p.is_file()):
                 raise DatasetError(f"{root / name}: empty class folder (no files with an image extension)")
         super().__init__(str(root), transform=transform, loader=load_rgb)
         self.skip_unreadable = skip_unreadable

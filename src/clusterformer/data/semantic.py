@@ -11,10 +11,9 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import DatasetError, DatasetNotFoundError
-from .images import ImageReadError, load_rgb
+from .images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 
 IGNORE_INDEX = 255  # void in semantic label maps: the one definition (losses and metrics import it)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class SemanticFolder(torch.utils.data.Dataset):
