@@ -12,10 +12,10 @@ from clusterformer.benchmark import (
     count_gmacs,
     dense_task,
     markdown_table,
-    parse_img_size,
     run_benchmark,
 )
 from clusterformer.cli import main
+from clusterformer.data.images import parse_img_size
 
 
 def test_gmacs_count_the_clustering_iterations():

@@ -10,6 +10,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from clusterformer.cli import main
 from clusterformer.data import THINGS, make_shapes
+from clusterformer.errors import SettingError
 from clusterformer.tasks import ClassificationTask, ImageFolderData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_paper_configs_parse(name, crops, tmp_path, monkeypatch):
 
 def test_class_count_mismatch_is_a_clear_error(crops, tmp_path):
     task = ClassificationTask("clusterformer_nano", num_classes=7)
-    with pytest.raises(ValueError, match=r"num_classes=7 but the dataset .* has 4 classes \(circle"):
+    with pytest.raises(SettingError, match=r"num_classes: 7, but the dataset .* has 4 classes \(circle.*; set it to 4"):
         trainer(tmp_path, max_epochs=1).fit(task, small_data(crops))
 
 

@@ -131,7 +131,7 @@ def stopped_demo(out, task: str, kind: str, signum: int) -> tuple[int, str, str]
         lines = []
         for line in process.stdout:
             lines.append(line)
-            if line.startswith("TRAINING"):
+            if "TRAINING" in line:  # after a progress bar's carriage-return output, where one is shown
                 process.send_signal(signum)
                 break
         lines.append(process.stdout.read())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clusterformer.cli import main
+from clusterformer.errors import SettingError
 from clusterformer.metrics.panoptic import pq_compute, write_panoptic
 from clusterformer.metrics.semantic import SemanticConfusion
 from clusterformer.tasks import PanopticData, PanopticTask
@@ -97,10 +98,10 @@ def test_validation_pq_equals_offline_pq_compute(shapes, tmp_path):
 
 def test_class_and_thing_mismatch_are_clear_errors(shapes, tmp_path):
     wrong_things = PanopticTask("clusterformer_nano", num_classes=7, num_things=3, decoder=SMALL_DECODER)
-    with pytest.raises(ValueError, match=r"num_things=3"):
+    with pytest.raises(SettingError, match=r"num_things: 3 .*; set it to 4"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(wrong_things, small_data(shapes))
     wrong_classes = PanopticTask("clusterformer_nano", num_classes=133, num_things=80, decoder=SMALL_DECODER)
-    with pytest.raises(ValueError, match=r"num_classes=133 but .*panoptic_val.json has 7 categories"):
+    with pytest.raises(SettingError, match=r"num_classes: 133, but .*panoptic_val.json has 7 categories"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(wrong_classes, small_data(shapes))
 
 

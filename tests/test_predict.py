@@ -29,6 +29,7 @@ from clusterformer.tasks import (
     SemanticTask,
     SetTask,
 )
+from conftest import save_after_one_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)
@@ -70,17 +71,7 @@ def train_one_step(task: str, root, path):
     """A checkpoint of ``task`` after one training step on the shapes data (with the data module attached, so
     that the class names are stored)."""
     L.seed_everything(0, verbose=False)
-    module, data = _task_and_data(task, root)
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=str(path.parent),
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, data)
-    trainer.save_checkpoint(path)
-    return path
+    return save_after_one_step(*_task_and_data(task, root), path)
 
 
 @pytest.fixture(scope="module")

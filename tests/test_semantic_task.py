@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from clusterformer.cli import main
+from clusterformer.errors import SettingError
 from clusterformer.losses import semantic_criterion
 from clusterformer.matching import ClassQueryMatcher
 from clusterformer.metrics.semantic import evaluate_semantic
@@ -120,7 +121,7 @@ def test_validation_miou_equals_offline_evaluation_of_written_pngs(shapes, tmp_p
 
 def test_class_count_mismatch_is_a_clear_error(shapes, tmp_path):
     module = SemanticTask("clusterformer_nano", num_classes=150, decoder=SMALL_DECODER)
-    with pytest.raises(ValueError, match=r"num_classes=150 but .*semantic/train has 7 classes"):
+    with pytest.raises(SettingError, match=r"num_classes: 150, but .*semantic/train has 7 classes; set it to 7"):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(module, small_data(shapes))
 
 

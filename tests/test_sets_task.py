@@ -11,6 +11,7 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from clusterformer.cli import main
+from clusterformer.errors import SettingError
 from clusterformer.metrics.coco import coco_evaluate, to_coco_results
 from clusterformer.tasks import CocoData, SetTask
 from clusterformer.tasks.sets import collate_sets, pad_batch
@@ -142,12 +143,13 @@ def test_instance_model_with_a_box_head_reports_the_box_head_boxes(shapes, tmp_p
 
 def test_class_count_mismatch_is_a_clear_error(shapes, tmp_path):
     module = SetTask("detection", "clusterformer_nano", num_classes=80, decoder=SMALL_DECODER)
-    with pytest.raises(ValueError, match=r"num_classes=80 but .*instances_val.json has 4 categories"):
+    expected = r"num_classes: 80, but .*instances_val.json has 4 categories \(circle, .*; set it to 4"
+    with pytest.raises(SettingError, match=expected):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(module, small_data(shapes, masks=False))
 
 
 def test_unknown_task_is_refused():
-    with pytest.raises(ValueError, match="task must be one of"):
+    with pytest.raises(SettingError, match="task: must be one of detection, instance, got 'segmentation'"):
         SetTask("segmentation", "clusterformer_nano", num_classes=4)
 
 

@@ -18,6 +18,7 @@ Design decisions are written down in ``docs/architecture.md``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -725,29 +726,116 @@ class ClusterFormer(nn.Module):
         return clusters
 
 
-def checkpoint_filter_fn(state_dict: dict, model: ClusterFormer) -> dict:
-    """Accept plain state dicts, timm-style ``{'state_dict': ...}`` and task checkpoints whose
-    backbone keys are prefixed with ``model.`` or ``backbone.``."""
-    if "state_dict" in state_dict:
+# where an encoder's keys can sit in a weight file: at the top (timm, ``convert --backbone-only``, a classifier),
+# under a task checkpoint's ``model.``, a dense model's ``backbone.`` or a DDP wrapper's ``module.``
+_PREFIXES = tuple(dict.fromkeys(w + m + b for w in ("", "module.") for m in ("", "model.") for b in ("", "backbone.")))
+# the EM clustering's temperature: missing from EM weights saved before it was a buffer (they load at 1, see
+# RecurrentClustering._load_from_state_dict)
+_OLD_EM_KEYS = ("clustering.temperature",)
+_LITERAL_M_STEP_KEYS = ("q_norm.weight", "q_norm.bias", "k_norm.weight", "k_norm.bias", "clustering.temperature")
+
+
+def _encoder_prefix(keys: list[str], own: dict) -> str:
+    """The prefix under which ``keys`` hold the most of the model's own keys (``""`` when none do)."""
+    counts = {prefix: sum(k.startswith(prefix) and k[len(prefix) :] in own for k in keys) for prefix in _PREFIXES}
+    return max(_PREFIXES, key=lambda prefix: counts[prefix])  # the first (shortest) of equal counts
+
+
+def _weights_source(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    for key in ("file", "url", "hf_hub_id"):
+        if cfg.get(key):
+            return str(cfg[key])
+    return f"the pretrained weights of {cfg.get('architecture', type(model).__name__)}"
+
+
+def _count(items: list, word: str) -> str:
+    return f"{len(items)} {word}" + ("" if len(items) == 1 else "s")
+
+
+def _first(keys: list[str], count: int = 3) -> str:
+    return ", ".join(keys[:count]) + (", ..." if len(keys) > count else "")
+
+
+def checkpoint_filter_fn(state_dict: dict, model: ClusterFormer, strict: bool = True) -> dict:
+    """The encoder weights of a weight file, checked against ``model``.
+
+    Accepts plain state dicts, timm-style ``{'state_dict': ...}``, task checkpoints (keys under ``model.``) and
+    dense models (the encoder under ``backbone.``; the decoder and heads beside it are left out). Everything but
+    the classifier (``head`` and the center head's ``head_norm``: :data:`CLASSIFIER_KEYS`) must match: with
+    ``strict`` (the default; ``pretrained_strict=False`` turns it off), encoder weights the file lacks, keys that
+    belong to no part of the encoder and tensors of another shape are a
+    :class:`~clusterformer.weights.CheckpointError` naming the file. The classifier is left to timm, which drops a
+    head of another number of classes (and ignores a ``head_norm`` that a model without a center head lacks). timm
+    loads with ``strict=False`` whenever it drops the head (another ``num_classes``, ``features_only``, a dense
+    task's encoder), so this check is the one that applies then.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
         state_dict = state_dict["state_dict"]
     own = model.state_dict()
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("model.", "backbone.", "module."):
-            if key not in own and key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
+    prefix = _encoder_prefix(list(state_dict), own)
+    # keys outside the encoder's prefix are the rest of a task model (decoder, heads, loss buffers)
+    out = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not strict:
+        return out
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    classifier = cfg.get("classifier") or "head"
+    classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    first_conv = cfg.get("first_conv") or ()
+    first_conv = (first_conv,) if isinstance(first_conv, str) else tuple(first_conv)
+
+    def is_classifier(key: str) -> bool:  # the head and the center head's norm, which a model without one lacks
+        return key.startswith(CLASSIFIER_KEYS) or any(key.startswith(name + ".") for name in classifier)
+
+    def saved_without(key: str) -> bool:  # EM weights from before the temperature buffer
+        return key.endswith(_OLD_EM_KEYS) and key[: -len("temperature")] + "q_norm.weight" in out
+
+    missing = [k for k in own if k not in out and not is_classifier(k) and not saved_without(k)]
+    unexpected = [k for k in out if k not in own and not is_classifier(k)]
+    resized = [
+        f"{k} is {tuple(out[k].shape)}, not {tuple(own[k].shape)}"
+        for k in own
+        if k in out and not is_classifier(k) and k not in {c + ".weight" for c in first_conv}
+        and tuple(out[k].shape) != tuple(own[k].shape)
+    ]  # fmt: skip
+    if not (missing or unexpected or resized):
+        return out
+    from .weights import CheckpointError
+
+    name = cfg.get("architecture") or type(model).__name__
+    encoder = [k for k in own if not is_classifier(k)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of its {len(encoder)} weights are missing ({_first(missing)})")
+    if unexpected:
+        where = f" under {prefix!r}" if prefix else ""
+        verb = "belongs" if len(unexpected) == 1 else "belong"
+        problems.append(f"{_count(unexpected, 'key')}{where} {verb} to no part of it ({_first(unexpected)})")
+    if resized:
+        problems.append(f"{_count(resized, 'tensor')} of another shape ({_first(resized, 2)})")
+    literal = not (unexpected or resized) and all(k.endswith(_LITERAL_M_STEP_KEYS) for k in missing)
+    if literal and any(k.endswith("clustering.q.weight") for k in out):
+        advice = "these are weights of the literal M-step (no QK-norm): build the model with m_step='sum'"
+    else:
+        advice = (
+            f"pass the weights of a {name} with these settings (a classifier's file, a task checkpoint or what "
+            "'clusterformer convert --backbone-only' writes), or build the model with the settings they were "
+            "trained with"
+        )
+    raise CheckpointError(
+        f"{_weights_source(model)}: the weights do not fit the encoder of {name}: {' and '.join(problems)}; {advice}"
+    )
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> ClusterFormer:
     depths = kwargs.get("depths", (2, 2, 6, 2))
     out_indices = kwargs.pop("out_indices", tuple(range(len(depths))))
+    strict = kwargs.get("pretrained_strict", True)
     return build_model_with_cfg(
         ClusterFormer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=strict),
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
         **kwargs,
     )

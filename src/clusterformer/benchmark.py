@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .data.images import ImageSize, image_hw
+
 DEFAULT_MODELS = (
     "clusterformer_tiny",
     "swin_tiny_patch4_window7_224",
@@ -69,8 +71,6 @@ COCO_CLASSES = {"detection": 80, "instance": 80, "panoptic": 133}
 _CLUSTERFORMER_DENSE = re.compile(r"(clusterformer_(?:nano|tiny|small))_(detection|instance|panoptic)")
 _TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin_(tiny|small)(_panoptic)?)")
 _SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
-
-ImageSize = int | tuple[int, int]
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
 
@@ -160,23 +160,6 @@ def dense_task(name: str) -> str | None:
     if match := _TRANSFORMERS_PEER.fullmatch(name):
         return "detection" if match[1] else ("panoptic" if match[5] else "instance")
     return None
-
-
-def image_hw(img_size: ImageSize) -> tuple[int, int]:
-    """``224`` or ``(800, 1216)`` -> ``(height, width)``."""
-    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
-
-
-def parse_img_size(text: str) -> ImageSize:
-    """``"512"`` -> ``512``; ``"800x1216"`` (height x width) -> ``(800, 1216)``."""
-    parts = text.lower().split("x")
-    try:
-        sizes = [int(part) for part in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) <= 0:
-        raise ValueError(f"image size must be N or HxW with positive integers, got {text!r}")
-    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
 
 
 def _size_text(img_size: ImageSize) -> str:

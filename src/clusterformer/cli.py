@@ -6,10 +6,13 @@ import argparse
 import json
 import math
 import sys
+import time
+import traceback
 import warnings
 from pathlib import Path
 
 from . import __version__
+from .errors import InputError
 from .explain import add_explain_parser
 from .export import add_export_parser
 from .predict import add_predict_parser, is_lightning_predict
@@ -87,7 +90,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _img_size(text: str):
-    from .benchmark import parse_img_size
+    from .data.images import parse_img_size
 
     try:
         return parse_img_size(text)
@@ -454,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 LIGHTNING_COMMANDS = {
     "fit": "train a task from a config (LightningCLI): clusterformer fit --config FILE [--key value ...]; resume a "
-    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR",
+    "run with --ckpt_path CKPT (or last), start another run of the same config with --run_dir DIR; bad input is one "
+    "line naming the key or file (fit, validate, test: --verbose adds the traceback)",
     "validate": "evaluate a checkpoint on the validation set: clusterformer validate --config FILE --ckpt_path CKPT",
     "test": "evaluate a checkpoint on the test set: clusterformer test --config FILE --ckpt_path CKPT",
     "predict": "run a checkpoint on the predict set: clusterformer predict --config FILE --ckpt_path CKPT",
@@ -479,7 +483,7 @@ def checkpoint_folders(trainer) -> list[Path]:
     return list(dict.fromkeys(folders))
 
 
-class RunExistsError(FileExistsError):
+class RunExistsError(InputError, FileExistsError):
     """``fit`` into checkpoint folders that hold another run, or a resume with other settings than the run's."""
 
 
@@ -546,6 +550,58 @@ def refuse_changed_settings(requested: dict, path: Path) -> None:
         )
 
 
+def task_of(model_class, task: str | None = None) -> str | None:
+    """The task (one of ``weights.TASKS``) that a LightningModule class trains, ``task`` being a ``SetTask``'s
+    ``detection`` or ``instance``; ``None`` for a class that is none of the package's tasks."""
+    from .tasks import ClassificationTask, PanopticTask, SemanticTask, SetTask
+
+    if not isinstance(model_class, type):
+        return None
+    if issubclass(model_class, SetTask):
+        return task or "detection"
+    for cls, name in ((ClassificationTask, "classification"), (SemanticTask, "semantic"), (PanopticTask, "panoptic")):
+        if issubclass(model_class, cls):
+            return name
+    return None
+
+
+def _configured_class(class_path: str | None):
+    """The class a config's ``class_path`` names (``None`` if it does not import)."""
+    import importlib
+
+    module, _, name = str(class_path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
+def refuse_other_checkpoint(path: Path, expected: str | None) -> None:
+    """A :class:`~clusterformer.weights.CheckpointError` naming ``path`` when it is not a checkpoint that loads
+    weights-only (truncated, not a checkpoint, a pickle that would run code: ``weights.load_checkpoint``), or,
+    ``expected`` being the task of the model to train, a checkpoint of another task. Lightning would otherwise
+    print ``torch.load``'s traceback, or rebuild the model from the other task's settings and fail in the loss."""
+    from .weights import CheckpointError, checkpoint_task, load_checkpoint
+
+    try:
+        checkpoint = load_checkpoint(path)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; --ckpt_path takes a checkpoint that 'clusterformer fit' wrote") from None
+    if expected is None:
+        return
+    found = checkpoint_task(checkpoint, path)
+    if found != expected:
+        raise CheckpointError(
+            f"{path}: a {found} checkpoint, but the config trains a {expected} model; resume from a checkpoint of a "
+            f"{expected} run, or start a new run from another task's encoder through its weights "
+            "('clusterformer convert --backbone-only', docs/deployment.md)"
+        )
+
+
+# what Lightning's ckpt_path takes besides a file: the checkpoint folders' newest or best, SLURM's, a registry's
+CKPT_PATH_NAMES = ("last", "best", "hpc", "registry")
+
+
 def _clusterformer_cli():
     """LightningCLI with what ``clusterformer fit`` adds: ``--run_dir`` and the refusal of an earlier run."""
     from lightning.pytorch.cli import LightningCLI
@@ -554,8 +610,9 @@ def _clusterformer_cli():
         """``--run_dir DIR`` moves every output of the run (``default_root_dir``, the loggers' ``save_dir``, the
         callbacks' checkpoint ``dirpath``) into ``DIR`` (checkpoints in ``DIR/checkpoints``). ``fit`` writes its
         checkpoints with :class:`~clusterformer.checkpoint_io.AtomicCheckpointIO` and resumes only
-        from a ``--ckpt_path`` (a path, or ``last``), with the run's settings (:func:`refuse_changed_settings`);
-        without one, checkpoint folders that hold an earlier run are refused (:func:`refuse_earlier_run`)."""
+        from a ``--ckpt_path`` (a path, or ``last``) of the config's task (:func:`refuse_other_checkpoint`), with
+        the run's settings (:func:`refuse_changed_settings`); without one, checkpoint folders that hold an earlier
+        run are refused (:func:`refuse_earlier_run`)."""
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument(
@@ -572,6 +629,12 @@ def _clusterformer_cli():
             model = self.config[subcommand].get("model") if subcommand else None
             init_args = getattr(model, "init_args", None)
             self.requested_settings = init_args.as_dict() if init_args is not None else {}
+            self.requested_task = task_of(
+                _configured_class(getattr(model, "class_path", None)), self.requested_settings.get("task")
+            )
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand == "fit" else None
+            if ckpt_path and Path(ckpt_path).is_file():  # before Lightning reads the file's settings
+                refuse_other_checkpoint(Path(ckpt_path), self.requested_task)
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
@@ -579,6 +642,19 @@ def _clusterformer_cli():
                 from .ablate import redirect_outputs
 
                 redirect_outputs(config.trainer, Path(config.run_dir))
+
+        def after_instantiate_classes(self) -> None:
+            super().after_instantiate_classes()
+            # the checkpoint file and the data against the model (its number of classes) before the trainer writes
+            # anything: Lightning and the tasks' setup() check them inside fit, after the loggers' folders and an
+            # on_exception checkpoint are written
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            named = str(ckpt_path) in CKPT_PATH_NAMES or str(ckpt_path).startswith("registry:")
+            if ckpt_path is not None and not named and not Path(ckpt_path).is_file():
+                raise InputError(f"{ckpt_path}: checkpoint file not found (ckpt_path)")
+            check_data = getattr(self.model, "check_data", None)
+            if check_data is not None and self.datamodule is not None:
+                check_data(self.datamodule)
 
         def before_fit(self) -> None:
             from .checkpoint_io import use_atomic_checkpoints
@@ -593,30 +669,103 @@ def _clusterformer_cli():
                 return
             resumed = resumed_checkpoint(self.trainer, str(ckpt_path))
             if resumed is not None:
+                if str(ckpt_path) == "last":  # a file path was checked before Lightning read it
+                    refuse_other_checkpoint(resumed, task_of(type(self.model), self.model.hparams.get("task")))
                 refuse_changed_settings(self.requested_settings, resumed)
                 refuse_earlier_run(self.trainer, resumed)
 
     return ClusterFormerCLI
 
 
+VERBOSE = "--verbose"
+
+
 def run_lightning(argv: list[str]) -> int:
     """``fit``/``validate``/``test``/``predict``: Lightning's CLI over the task and data classes named in the
-    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``)."""
+    config (``model.class_path``, ``data.class_path``). ``fit`` resumes only when asked (``--ckpt_path``).
+
+    Bad input — a config key or value the parser refuses, a setting or dataset that a task or data module
+    refuses (:class:`~clusterformer.errors.InputError`), a run that would continue another — is one line on
+    stderr, ``clusterformer <command>: error: <key or path>: <problem>``, and exit status 2; with ``--verbose``
+    (taken out of ``argv`` here) the traceback comes first. Any other exception is raised with its traceback."""
     import lightning as L
 
+    from .config_errors import bad_input_message
+
+    verbose = VERBOSE in argv[1:]
+    command, args = argv[0], [arg for arg in argv[1:] if arg != VERBOSE]
+    # LightningCLI warns when given args while sys.argv holds arguments: ours, minus --verbose
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    no_exit = {"exit_on_error": False}  # the parser raises its errors instead of printing its usage and exiting
+    cli_class = _clusterformer_cli()
+    cli = cli_class.__new__(cli_class)  # made before it runs: its parser and trainer are at hand when it fails
+    started = time.time()
     try:
-        _clusterformer_cli()(
+        cli.__init__(
             L.LightningModule,
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            args=argv,
+            args=[command, *args],
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={**no_exit, **{name: dict(no_exit) for name in LIGHTNING_COMMANDS}},
         )
-    except RunExistsError as error:  # refused before anything is written
-        print(f"clusterformer {argv[0]}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        parser = getattr(cli, "_subcommand_parsers", {}).get(command)
+        error = _subcommand_error(error, parser, args)
+        message = bad_input_message(error, parser, args)
+        if message is None:  # a checkpoint or weight file that cannot be used (also raised through jsonargparse)
+            refusal = _refusal(error)
+            message = None if refusal is None else str(refusal)
+        if message is None:  # a fault, not bad input
+            raise
+        if verbose:
+            traceback.print_exception(error)
+        saved = _interrupted_checkpoint(getattr(cli, "trainer", None), started) if command == "fit" else None
+        if saved is not None:  # training stopped on bad data: the work so far is kept
+            message += f"; the state at the interruption is in {saved}: continue with --ckpt_path last once fixed"
+        print(f"clusterformer {command}: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _refusal(error: BaseException) -> Exception | None:
+    """The :class:`RunExistsError` or :class:`~clusterformer.weights.CheckpointError` that ``error`` is or was
+    raised from (jsonargparse raises its own error from what a model's constructor raised, e.g. weights that do
+    not fit the encoder)."""
+    from .weights import CheckpointError
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, RunExistsError | CheckpointError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__
+    return None
+
+
+def _subcommand_error(error: Exception, parser, args: list[str]) -> Exception:
+    """The subcommand parser's own error for the main parser's "unrecognized arguments: fit ...", which is all that
+    jsonargparse reports when the subcommand's arguments fail to parse (a misspelled trainer key, in a config
+    file or on the command line)."""
+    from argparse import ArgumentError
+
+    if not (isinstance(error, ArgumentError) and parser is not None and "unrecognized arguments:" in str(error)):
+        return error
+    try:
+        parser.parse_args(args)
+    except ArgumentError as own:
+        return own
+    return error
+
+
+def _interrupted_checkpoint(trainer, since: float) -> Path | None:
+    """The ``on_exception.ckpt`` that an ``OnExceptionCheckpoint`` of ``trainer`` wrote after ``since``."""
+    if trainer is None:
+        return None
+    found = [folder / "on_exception.ckpt" for folder in checkpoint_folders(trainer)]
+    found = [path for path in found if path.is_file() and path.stat().st_mtime >= since]
+    return found[0] if found else None
 
 
 def main(argv: list[str] | None = None) -> int:

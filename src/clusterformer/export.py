@@ -241,13 +241,12 @@ def _max_abs_diff(module: nn.Module, run, images: torch.Tensor) -> float:
 
 # --- the command ------------------------------------------------------------------------------------------------
 def _size(text: str) -> tuple[int, int]:
+    from .data.images import image_hw, parse_img_size
+
     try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
-    return (parts[0], parts[-1])
+        return image_hw(parse_img_size(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_export_parser(subparsers) -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@ on image files and write a picture of every prediction and the standard result f
 
 ``OUT`` receives (every file written under a temporary name and renamed when complete):
 
-* every task: ``overlays/<name>.png``, the image with its prediction drawn on it, and ``summary.json`` (task,
+* every task: ``overlays/<name>.png``, the image with its prediction drawn on it (scaled down to
+  :data:`MAX_OVERLAY_SIDE` pixels on the longer side for larger images), and ``summary.json`` (task,
   checkpoint, every image with its id and size, the skipped files with the reason);
 * classification: ``predictions.json``, the top-k classes of every image;
 * detection / instance: ``results.json``, COCO results (``image_id``, ``category_id``, ``score``, ``bbox``
@@ -31,12 +32,12 @@ import torch
 from PIL import Image
 
 from . import pictures
-from .data.images import ImageReadError, load_rgb
+from .data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
 
 TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 DEFAULT_SCORE_THRESHOLD = 0.5  # detection / instance overlays
+MAX_OVERLAY_SIDE = 2048  # overlays of larger images are drawn on the image scaled down to this longer side
 # what predict writes into its folder, for every task: the previous results that --overwrite deletes
 OUTPUTS = ("overlays", "labels", "panoptic", "predictions.json", "results.json", "images.json", "panoptic.json",
            "summary.json")  # fmt: skip
@@ -58,7 +59,7 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
                 p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.name[0] != "."
             )
             if not found:
-                raise PredictError(f"{path}: no image files in this folder ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise PredictError(f"{path}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
             paths += found
         elif path.is_file():
             paths.append(path)
@@ -184,8 +185,13 @@ def eval_transform(model: TaskModel, size: int | None = None):
 
 @torch.inference_mode()
 def predict_images(model: TaskModel, images: Sequence[Image.Image], transform, device, top_k: int = 5) -> list:
-    """Predictions for RGB images in their own pixels: classification ``{"scores", "labels"}`` of the top
-    ``top_k``; otherwise what the task's ``predict_batch`` returns (``heads.postprocess``), on the CPU."""
+    """Predictions for RGB images in their own pixels, on the CPU: classification ``{"scores", "labels"}`` of the
+    top ``top_k``; otherwise what the task's ``predict_batch`` returns (``heads.postprocess``).
+
+    The dense tasks' post-processing runs at the model's input size when the image is larger (the test transform
+    shrank it; :func:`working_size`), and the result is enlarged to the image's size by nearest neighbour
+    (:func:`to_image_size`): no query's mask is ever resized to a large image. Images no larger than the model's
+    input get exactly what they got before."""
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -197,12 +203,109 @@ def predict_images(model: TaskModel, images: Sequence[Image.Image], transform, d
         scores, labels = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [{"scores": s, "labels": label} for s, label in zip(scores, labels, strict=True)]
     tensors = [transform(tv_tensors.Image(pil_to_tensor(image))) for image in images]
+    sizes = [(image.height, image.width) for image in images]
     targets = [
-        {"size": tuple(t.shape[-2:]), "orig_size": (image.height, image.width)}
-        for t, image in zip(tensors, images, strict=True)
-    ]
+        {"size": tuple(t.shape[-2:]), "orig_size": size if model.task == "detection" else working_size(t, size)}
+        for t, size in zip(tensors, sizes, strict=True)
+    ]  # detection only scales boxes: its results are at the image's size
     results = model.module.predict_batch(pad_batch(tensors).to(device), targets)
-    return [_to_cpu(result) for result in results]
+    return [
+        to_image_size(model.task, _to_cpu(result), target["orig_size"], size)
+        for result, target, size in zip(results, targets, sizes, strict=True)
+    ]
+
+
+def working_size(tensor: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int]:
+    """Where a dense result is computed: the image's size, or the model input's where that is smaller."""
+    return min(tensor.shape[-2], image_size[0]), min(tensor.shape[-1], image_size[1])
+
+
+class NearestResize:
+    """Nearest-neighbour resampling of ``(..., h, w)`` maps to ``output_size`` ``(H, W)``: output pixel ``(y, x)``
+    takes input pixel ``(rows[y], cols[x])``, ``rows[y] = floor((y + 0.5) h / H)`` (torch's ``nearest-exact``).
+    When enlarging, every input pixel becomes a block of output pixels, which gives the exact areas and boxes of
+    the enlarged maps without making them (:meth:`areas`, :meth:`boxes`)."""
+
+    def __init__(self, size: tuple[int, int], output_size: tuple[int, int]):
+        self.size, self.output_size = (int(size[0]), int(size[1])), (int(output_size[0]), int(output_size[1]))
+        self.rows, self.cols = (
+            ((torch.arange(n, dtype=torch.float64) + 0.5) * (m / n)).long().clamp_(max=m - 1)
+            for m, n in zip(self.size, self.output_size, strict=True)
+        )
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return values.index_select(-2, self.rows).index_select(-1, self.cols)
+
+    def areas(self, ids: torch.Tensor, count: int) -> torch.Tensor:
+        """``(count,)`` int64: the pixels of each id ``0..count-1`` of the ``(h, w)`` map ``ids`` once resampled."""
+        rows = torch.bincount(self.rows, minlength=self.size[0])
+        cols = torch.bincount(self.cols, minlength=self.size[1])
+        weights = (rows[:, None] * cols[None, :]).flatten().double()
+        return torch.bincount(ids.flatten().long(), weights=weights, minlength=count).round().long()
+
+    def boxes(self, masks: torch.Tensor) -> torch.Tensor:
+        """``(k, 4)`` xyxy: ``torchvision.ops.masks_to_boxes`` of the enlarged ``(k, h, w)`` masks (output size at
+        least the input size); an empty mask's box is zeros, as there."""
+        from torchvision.ops import masks_to_boxes
+
+        if not len(masks):
+            return torch.zeros(0, 4)
+        x0, y0, x1, y1 = masks_to_boxes(masks).long().unbind(1)
+        (h, w), cols, rows = self.size, self.cols, self.rows
+        first_col, last_col = (
+            torch.searchsorted(cols, torch.arange(w)),
+            torch.searchsorted(cols, torch.arange(w), right=True) - 1,
+        )
+        first_row, last_row = (
+            torch.searchsorted(rows, torch.arange(h)),
+            torch.searchsorted(rows, torch.arange(h), right=True) - 1,
+        )
+        boxes = torch.stack([first_col[x0], first_row[y0], last_col[x1], last_row[y1]], 1).float()
+        boxes[~masks.flatten(1).any(1)] = 0
+        return boxes
+
+
+class ResizedMasks:
+    """``(k, h, w)`` bool masks read as ``(k, H, W)`` one mask at a time (``masks[i]``, resampled by ``resize``), so
+    that the masks at a large image's size are never all in memory."""
+
+    def __init__(self, masks: torch.Tensor, resize: NearestResize):
+        self.masks, self.resize = masks, resize
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self.masks), *self.resize.output_size)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.resize(self.masks[index])
+
+    def resized(self, size: tuple[int, int]) -> ResizedMasks:
+        return ResizedMasks(self.masks, NearestResize(self.masks.shape[-2:], size))
+
+
+def to_image_size(task: str, result, size: tuple[int, int], image_size: tuple[int, int]):
+    """A dense ``result`` computed at ``size`` (:func:`working_size`), at ``image_size``: semantic labels and
+    panoptic ids enlarged by nearest neighbour (the segments' areas counted at the image's size), instance masks
+    as :class:`ResizedMasks` with their exact boxes, box-head boxes scaled."""
+    if tuple(size) == tuple(image_size) or task in ("classification", "detection"):
+        return result
+    resize = NearestResize(size, image_size)
+    if task == "semantic":
+        return resize(result)
+    if task == "panoptic":
+        ids = result["ids"]
+        areas = resize.areas(ids, int(ids.max()) + 1).tolist()
+        segments = [{**segment, "area": int(areas[segment["id"]])} for segment in result["segments_info"]]
+        return {"ids": resize(ids), "segments_info": segments}
+    result = {**result, "boxes": resize.boxes(result["masks"]), "masks": ResizedMasks(result["masks"], resize)}
+    if "box_results" in result:
+        (h, w), (height, width) = size, image_size
+        scale = torch.tensor([width / w, height / h, width / w, height / h])
+        result["box_results"] = {**result["box_results"], "boxes": result["box_results"]["boxes"] * scale}
+    return result
 
 
 def _to_cpu(value):
@@ -233,10 +336,23 @@ class Writer:
         self.score_threshold = DEFAULT_SCORE_THRESHOLD if score_threshold is None else score_threshold
 
     def add(self, item: Item, image: Image.Image, result) -> None:
-        save_png(self.overlay(image, result), self.out / "overlays" / f"{item.name}.png")
+        save_png(self.overlay(*self.for_picture(image, result)), self.out / "overlays" / f"{item.name}.png")
 
     def overlay(self, image: Image.Image, result) -> Image.Image:
         raise NotImplementedError
+
+    def for_picture(self, image: Image.Image, result) -> tuple[Image.Image, object]:
+        """The image and result that the overlay draws: as they are, or, for an image whose longer side exceeds
+        :data:`MAX_OVERLAY_SIDE`, both scaled down to it (the result files keep the image's size)."""
+        if max(image.size) <= MAX_OVERLAY_SIDE:
+            return image, result
+        scale = MAX_OVERLAY_SIDE / max(image.size)
+        size = (max(1, round(image.height * scale)), max(1, round(image.width * scale)))
+        return image.resize(size[::-1], Image.BILINEAR), self.shrink(result, (image.height, image.width), size)
+
+    def shrink(self, result, image_size: tuple[int, int], size: tuple[int, int]):
+        """``result`` (at ``image_size``) at the smaller ``size``, for the overlay."""
+        return result
 
     def finish(self, images: list[dict]) -> None:
         pass
@@ -287,10 +403,23 @@ class SetWriter(Writer):
         super().add(item, image, result)
         category_ids = [int(c["id"]) for c in self.model.categories]
         masks = result.get("masks")
-        self.results += to_coco_results(
-            item.image_id, result["boxes"], result["scores"], result["labels"], masks=masks,
-            label_to_category=category_ids,
-        )  # fmt: skip
+        for i in range(len(result["scores"])):  # one mask at a time: a large image's masks are made one by one
+            self.results += to_coco_results(
+                item.image_id, result["boxes"][i : i + 1], result["scores"][i : i + 1], result["labels"][i : i + 1],
+                masks=None if masks is None else masks[i][None], label_to_category=category_ids,
+            )  # fmt: skip
+
+    def shrink(self, result, image_size, size):
+        (height, width), (h, w) = image_size, size
+        shrunk = {**result, "boxes": result["boxes"] * torch.tensor([w / width, h / height, w / width, h / height])}
+        if "masks" in result:
+            masks = result["masks"]
+            shrunk["masks"] = (
+                masks.resized(size)
+                if isinstance(masks, ResizedMasks)
+                else ResizedMasks(masks, NearestResize(masks.shape[-2:], size))
+            )
+        return shrunk
 
     def overlay(self, image, result):
         canvas, factor = self._canvas(image)
@@ -323,15 +452,23 @@ class SemanticWriter(Writer):
         super().add(item, image, result)
         offset = 1 if self.model.data.get("reduce_zero_label", True) else 0
         dtype = np.uint8 if len(self.model.classes) - 1 + offset <= 255 else np.uint16
-        save_png(Image.fromarray((result.numpy() + offset).astype(dtype)), self.out / "labels" / f"{item.name}.png")
+        labels = result.numpy().astype(dtype)  # the classes fit in dtype with the offset
+        labels += dtype(offset)
+        save_png(Image.fromarray(labels), self.out / "labels" / f"{item.name}.png")
+
+    def shrink(self, result, image_size, size):
+        return NearestResize(image_size, size)(result)
 
     def overlay(self, image, result):
         canvas, factor = self._canvas(image)
         classes = pictures.enlarge(result.numpy(), factor)
         canvas = pictures.blend(canvas, pictures.colour_map(classes, self.colours), 0.55)
         canvas[pictures.boundaries(classes)] = pictures.WHITE
-        present, counts = np.unique(result.numpy(), return_counts=True)
-        entries = [(self._name(int(c)), self.colours[int(c)]) for c in present[np.argsort(-counts, kind="stable")]]
+        counts = np.bincount(result.numpy().ravel())
+        present = np.flatnonzero(counts)
+        entries = [
+            (self._name(int(c)), self.colours[int(c)]) for c in present[np.argsort(-counts[present], kind="stable")]
+        ]
         return pictures.with_legend(Image.fromarray(canvas), entries)
 
 
@@ -354,14 +491,18 @@ class PanopticWriter(Writer):
         category_ids = [int(c["id"]) for c in self.model.categories]
         segments = []
         for segment in result["segments_info"]:
-            ys, xs = np.nonzero(ids == segment["id"])
-            bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+            mask = ids == segment["id"]
+            ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))  # not every pixel's coordinates
+            bbox = [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
             segments.append(
                 {"id": int(segment["id"]), "category_id": category_ids[int(segment["label"])], "iscrowd": 0,
-                 "bbox": bbox, "area": int(len(xs)), "isthing": int(segment["isthing"]),
+                 "bbox": bbox, "area": int(np.count_nonzero(mask)), "isthing": int(segment["isthing"]),
                  "score": float(segment["score"])}
             )  # fmt: skip
         self.annotations.append({"image_id": item.image_id, "file_name": file_name, "segments_info": segments})
+
+    def shrink(self, result, image_size, size):
+        return {**result, "ids": NearestResize(image_size, size)(result["ids"])}
 
     def overlay(self, image, result):
         canvas, factor = self._canvas(image)

@@ -14,7 +14,9 @@
                         pretrained_cfg_overlay=dict(file="PREFIX.safetensors", num_classes=N))
 
   (timm drops the head of a file whose ``num_classes`` is not the overlay's, 1000 by default) and the encoder of
-  a dense task through ``backbone_kwargs={"pretrained": True, "pretrained_cfg_overlay": {"file": ...}}``.
+  a dense task through ``backbone_kwargs={"pretrained": True, "pretrained_cfg_overlay": {"file": ...}}``. Either
+  way everything but the classifier must fit (``backbone.checkpoint_filter_fn``): a file that lacks encoder
+  weights, holds keys of no part of the encoder or tensors of another shape is a :class:`CheckpointError`.
 
 See ``docs/deployment.md``.
 """
@@ -353,6 +355,8 @@ def load_timm_weights(name: str, weights: str | Path, num_classes: int | None = 
             name, pretrained=True, num_classes=num_classes, pretrained_strict=True,
             pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes), **options,
         )  # fmt: skip
+    except CheckpointError:  # the encoder does not fit (backbone.checkpoint_filter_fn): names the file already
+        raise
     except RuntimeError as error:
         detail = " ".join(str(error).split())
         raise CheckpointError(f"{path}: the weights do not fit {name} ({detail[:300]})") from None

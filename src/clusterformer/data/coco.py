@@ -11,6 +11,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import DatasetError, DatasetNotFoundError
 from .images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ REQUIRED = {"images": ("id", "file_name"), "annotations": ("id", "image_id", "ca
             "categories": ("id", "name")}  # fmt: skip
 
 
-class AnnotationError(ValueError):
+class AnnotationError(DatasetError):
     """A problem in an annotation file; the message names the file and the entry."""
 
 
@@ -84,6 +85,10 @@ class CocoInstances(torch.utils.data.Dataset):
         self.images_dir = Path(images_dir)
         self.annotation_file = Path(annotation_file)
         data = read_coco(self.annotation_file)
+        if not data["images"]:
+            raise AnnotationError(f"{self.annotation_file}: no images listed")
+        if not self.images_dir.is_dir():
+            raise DatasetNotFoundError(f"{self.images_dir}: image folder not found")
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.label_of = {c["id"]: i for i, c in enumerate(self.categories)}
         self.images = sorted(data["images"], key=lambda image: image["id"])

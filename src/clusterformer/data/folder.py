@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .images import ImageReadError, load_rgb
+from ..errors import DatasetError, DatasetNotFoundError
+from .images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ class CheckedImageFolder(ImageFolder):
     def __init__(self, root: str | Path, transform=None, skip_unreadable: bool = False):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"{root}: dataset folder not found")
+            raise DatasetNotFoundError(f"{root}: dataset folder not found")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
-            raise ValueError(f"{root}: no class folders (expected one sub-folder per class)")
+            raise DatasetError(f"{root}: no class folders (expected one sub-folder per class)")
         for name in classes:
-            if not any(p.suffix.lower() in IMG_EXTENSIONS for p in (root / name).rglob("*") if p.is_file()):
-                raise ValueError(f"{root / name}: empty class folder (no files with an image extension)")
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in (root / name).rglob("*") if p.is_file()):
+                raise DatasetError(f"{root / name}: empty class folder (no files with an image extension)")
         super().__init__(str(root), transform=transform, loader=load_rgb)
         self.skip_unreadable = skip_unreadable
         self.skipped: set[str] = set()

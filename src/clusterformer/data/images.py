@@ -6,9 +6,34 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from ..errors import DatasetError
+
+# the files that a folder of images is read for: torchvision's list (what ImageFolder reads)
+IMAGE_SUFFIXES = tuple(IMG_EXTENSIONS)
+ImageSize = int | tuple[int, int]
 
 
-class ImageReadError(ValueError):
+def parse_img_size(text: str) -> ImageSize:
+    """An image size on the command line: ``"512"`` -> ``512``; ``"800x1216"`` (height x width) -> ``(800, 1216)``;
+    anything else is a ``ValueError``."""
+    parts = text.lower().split("x")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise ValueError(f"image size must be N or HxW with positive integers, got {text!r}")
+    return sizes[0] if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def image_hw(img_size: ImageSize) -> tuple[int, int]:
+    """``(height, width)`` of a size given as one side or as ``(height, width)``."""
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
+class ImageReadError(DatasetError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 

@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import DatasetNotFoundError
 from .coco import AnnotationError, load_json
 from .images import ImageReadError, load_rgb
 
@@ -57,6 +58,11 @@ class CocoPanoptic(torch.utils.data.Dataset):
         self.images_dir, self.png_dir = Path(images_dir), Path(png_dir)
         self.annotation_file = Path(annotation_file)
         data = read_panoptic_json(self.annotation_file)
+        if not data["annotations"]:
+            raise AnnotationError(f"{self.annotation_file}: no annotations listed")
+        for folder, what in ((self.images_dir, "image"), (self.png_dir, "panoptic PNG")):
+            if not folder.is_dir():
+                raise DatasetNotFoundError(f"{folder}: {what} folder not found")
         self.categories = sorted(data["categories"], key=lambda c: c["id"])
         self.label_of = {c["id"]: i for i, c in enumerate(self.categories)}
         self.isthing = {c["id"]: int(c.get("isthing", 1)) for c in self.categories}

@@ -10,10 +10,10 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
-from .images import ImageReadError, load_rgb
+from ..errors import DatasetError, DatasetNotFoundError
+from .images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 
 IGNORE_INDEX = 255  # void in semantic label maps: the one definition (losses and metrics import it)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 class SemanticFolder(torch.utils.data.Dataset):
@@ -36,14 +36,14 @@ class SemanticFolder(torch.utils.data.Dataset):
         self.images_dir, self.labels_dir = Path(images_dir), Path(labels_dir)
         for folder in (self.images_dir, self.labels_dir):
             if not folder.is_dir():
-                raise FileNotFoundError(f"{folder}: folder not found")
+                raise DatasetNotFoundError(f"{folder}: folder not found")
         self.images = sorted(p for p in self.images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.images:
-            raise ValueError(f"{self.images_dir}: no images")
+            raise DatasetError(f"{self.images_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
         self.labels = [self.labels_dir / f"{p.stem}.png" for p in self.images]
         missing = [str(label) for label in self.labels if not label.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} label PNGs are missing, e.g. {missing[0]}")
+            raise DatasetNotFoundError(f"{self.labels_dir}: {len(missing)} label PNGs are missing, e.g. {missing[0]}")
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
         self.transforms = transforms
@@ -60,16 +60,18 @@ class SemanticFolder(torch.utils.data.Dataset):
         except OSError as error:
             raise ImageReadError(f"{path}: not a readable label image ({error})") from error
         if mode not in ("L", "P"):
-            raise ValueError(f"{path}: label PNG must be 8-bit single-channel (mode L or P), got mode {mode}")
+            raise DatasetError(f"{path}: label PNG must be 8-bit single-channel (mode L or P), got mode {mode}")
         if array.shape != (size[1], size[0]):
-            raise ValueError(f"{path}: label is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}")
+            raise DatasetError(
+                f"{path}: label is {array.shape[1]}x{array.shape[0]} but its image is {size[0]}x{size[1]}"
+            )
         labels = array.astype(np.int64)
         if self.reduce_zero_label:
             labels = np.where(labels == 0, IGNORE_INDEX, labels - 1)
         bad = np.unique(labels[(labels != IGNORE_INDEX) & ((labels < 0) | (labels >= self.num_classes))])
         if bad.size:
             shown = (bad + 1 if self.reduce_zero_label else bad).tolist()[:10]
-            raise ValueError(f"{path}: label values {shown} are outside the {self.num_classes} classes")
+            raise DatasetError(f"{path}: label values {shown} are outside the {self.num_classes} classes")
         return labels
 
     def __getitem__(self, index: int):

@@ -1,4 +1,4 @@
-"""Semantic segmentation loss with one decoder query per class (DESIGN §2: cross-entropy 5 + dice 1)."""
+"""Semantic segmentation loss with one decoder query per class (paper §4.1.3: cross-entropy 5 + dice 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ __all__ = ["SemanticCriterion", "semantic_criterion"]
 
 
 class SemanticCriterion(SetCriterion):
-    """Semantic segmentation with one query per class (DESIGN §2: cross-entropy 5 + dice 1):
+    """Semantic segmentation with one query per class (paper §4.1.3: cross-entropy 5 + dice 1):
 
     * ``loss_ce``: per-pixel cross-entropy of the mask logits read as class logits (softmax over the
       queries = classes), against the label map (255 ignored) sampled at the mask logits' pixel centres,
@@ -52,7 +52,7 @@ def semantic_criterion(
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
 ) -> SemanticCriterion:
-    """Semantic segmentation: pixel cross-entropy 5 + dice 1 (DESIGN §2) + class presence 2, one query per class."""
+    """Semantic segmentation: pixel cross-entropy 5 + dice 1 + class presence 2, one query per class."""
     weights = {"loss_ce": ce_weight, "loss_dice": dice_weight, "loss_class": class_weight}
     return SemanticCriterion(
         num_classes, ClassQueryMatcher(), weights, losses=("labels", "ce", "dice"), focal_alpha=focal_alpha,

@@ -323,8 +323,12 @@ def pq_compute(
 
 def write_panoptic(folder: str | Path, file_name: str, ids: np.ndarray) -> None:
     """Write an id map as a COCO panoptic RGB PNG ``folder/file_name``."""
-    ids = np.asarray(ids, dtype=np.int64)
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        ids = ids.astype(np.int64)
     if ids.ndim != 2 or (ids.size and (ids.min() < 0 or ids.max() >= OFFSET)):
         raise ValueError(f"{file_name}: expected a 2-d map of ids in 0..{OFFSET - 1}")
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
+    rgb = np.empty((*ids.shape, 3), np.uint8)  # channel by channel: no (H, W, 3) int64 array for a large map
+    for channel in range(3):
+        rgb[..., channel] = ids >> (8 * channel) & 255
     Image.fromarray(rgb).save(Path(folder) / file_name)

@@ -1,7 +1,9 @@
 """What the Lightning tasks share.
 
 ``check_finite``, ``save_checkpoint_extras`` and ``load_checkpoint_extras``: all tasks, classification
-included. For the dense tasks (detection / instance, semantic, panoptic):
+included; so are the checks of the settings (``check_task_settings``, ``check_loader_settings``) and of the
+dataset against the model (``check_num_classes``), which raise :class:`~clusterformer.errors.SettingError`.
+For the dense tasks (detection / instance, semantic, panoptic):
 ``DenseData``: the data loaders (shuffled, ``drop_last`` training batches; the subclass gives the
 dataset and the collate function). ``DenseTask``: the forward pass, the training step (the criterion's
 weighted total, a stop on a non-finite loss, loss logging), the validation / test / predict hooks
@@ -12,14 +14,58 @@ name, the class names).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
+from numbers import Integral, Real
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import SettingError
 from .dataset_info import load_dataset_info, save_dataset_info
 from .rng import restore_rng_states, rng_states
+
+
+def check_task_settings(lr: float, num_classes: int) -> None:
+    """A :class:`SettingError` of the model's section for a learning rate that is not a positive number or fewer
+    than one class: the optimizer would refuse the first, mid-way into ``fit``."""
+    if not (isinstance(lr, Real) and 0 < lr < float("inf")):
+        raise SettingError("lr", f"must be a positive number, got {lr!r}", "model")
+    if not (isinstance(num_classes, Integral) and num_classes >= 1):
+        raise SettingError("num_classes", f"must be at least 1, got {num_classes!r}", "model")
+
+
+def check_model_name(key: str, name: str) -> None:
+    """A :class:`SettingError` of the model's section when timm has no model ``name`` (``key``: ``model`` or
+    ``backbone``); Hugging Face Hub and local-folder names (``hf-hub:...``, ``local-dir:...``) are not checked."""
+    import timm
+
+    if not isinstance(name, str) or not (timm.is_model(name) or name.startswith(("hf-hub:", "hf_hub:", "local-dir:"))):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.8)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see timm.list_models()"
+        raise SettingError(key, f"no model named {name!r}{hint}", "model")
+
+
+def check_loader_settings(batch_size: int, num_workers: int) -> None:
+    """A :class:`SettingError` of the data's section for a batch size below 1 or a negative number of workers."""
+    if not (isinstance(batch_size, Integral) and batch_size >= 1):
+        raise SettingError("batch_size", f"must be at least 1, got {batch_size!r}", "data")
+    if not (isinstance(num_workers, Integral) and num_workers >= 0):
+        raise SettingError("num_workers", f"must be 0 or more, got {num_workers!r}", "data")
+
+
+def check_num_classes(module: L.LightningModule, data, class_word: str = "categories") -> None:
+    """A :class:`SettingError` (``num_classes``) when ``data`` (a data module with ``num_classes`` and
+    ``describe()``; anything else is not checked) has another number of classes than ``module``."""
+    found = getattr(data, "num_classes", None)
+    expected = module.hparams.num_classes
+    if found is None or found == expected:
+        return
+    names = list(getattr(data, "classes", None) or [])
+    listed = f" ({', '.join(map(str, names[:10]))}{', ...' if len(names) > 10 else ''})" if names else ""
+    problem = f"{expected}, but the dataset {data.describe()} has {found} {class_word}{listed}; set it to {found}"
+    raise SettingError("num_classes", problem, "model")
 
 
 def make_loader(
@@ -39,7 +85,8 @@ def make_loader(
 
 
 class DenseData(L.LightningDataModule):
-    """Loaders over ``_dataset(train)`` with ``_collate(train)``; ``hparams.batch_size`` and ``num_workers``."""
+    """Loaders over ``_dataset(train)`` with ``_collate(train)``; ``hparams.batch_size`` and ``num_workers``
+    (checked by the subclass's constructor: ``check_loader_settings``)."""
 
     def _dataset(self, train: bool) -> Dataset:
         raise NotImplementedError
@@ -136,13 +183,13 @@ class DenseTask(L.LightningModule):
     def _datamodule(self):
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
+    def check_data(self, data) -> None:
+        """A :class:`SettingError` when the data module ``data`` does not fit the model (its number of classes);
+        the ``clusterformer`` command calls it before it runs anything, ``setup`` for every other caller."""
+        check_num_classes(self, data, self.class_word)
+
     def setup(self, stage: str) -> None:
-        data = self._datamodule()
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} but {data.describe()} has {found} {self.class_word}"
-            )
+        self.check_data(self._datamodule())
 
     def training_step(self, batch, batch_idx):
         images, targets = batch

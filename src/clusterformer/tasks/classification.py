@@ -19,7 +19,17 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
-from .base import check_finite, load_checkpoint_extras, make_loader, save_checkpoint_extras
+from ..errors import DatasetError, DatasetNotFoundError
+from .base import (
+    check_finite,
+    check_loader_settings,
+    check_model_name,
+    check_num_classes,
+    check_task_settings,
+    load_checkpoint_extras,
+    make_loader,
+    save_checkpoint_extras,
+)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -97,6 +107,8 @@ class ClassificationTask(L.LightningModule):
         mix_mode: str = "batch",
     ):
         super().__init__()
+        check_task_settings(lr, num_classes)
+        check_model_name("model", model)
         self.save_hyperparameters()
         self.model = timm.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
         # parameters the classifier does not reach (ClusterFormer's parameters_unused_by_head: with the center head
@@ -123,14 +135,13 @@ class ClassificationTask(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def check_data(self, data) -> None:
+        """A :class:`~clusterformer.errors.SettingError` when the data module ``data`` has another number of classes;
+        the ``clusterformer`` command calls it before it runs anything, ``setup`` for every other caller."""
+        check_num_classes(self, data, "classes")
+
     def setup(self, stage: str) -> None:
-        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        found = getattr(data, "num_classes", None)
-        if found is not None and found != self.hparams.num_classes:
-            raise ValueError(
-                f"model num_classes={self.hparams.num_classes} but the dataset {data.describe()} has {found} "
-                f"classes ({', '.join(data.classes[:10])}{', ...' if found > 10 else ''})"
-            )
+        self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -222,15 +233,16 @@ class ImageFolderData(L.LightningDataModule):
         interpolation: str = "bicubic",
     ):
         super().__init__()
+        check_loader_settings(batch_size, num_workers)
         self.save_hyperparameters()
         self.root = Path(root)
         train_root = self.root / train_dir
         if not train_root.is_dir():
-            raise FileNotFoundError(f"{train_root}: training folder not found")
+            raise DatasetNotFoundError(f"{train_root}: training folder not found")
         # class names only (cheap); the files are listed and checked when the datasets are built
         self.classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
         if not self.classes:
-            raise ValueError(f"{train_root}: no class folders (expected one sub-folder per class)")
+            raise DatasetError(f"{train_root}: no class folders (expected one sub-folder per class)")
         self.train_transform(), self.eval_transform()  # bad transform settings fail here, not at the first batch
 
     @property
@@ -256,7 +268,7 @@ class ImageFolderData(L.LightningDataModule):
         transform = self.train_transform() if train else self.eval_transform()
         dataset = CheckedImageFolder(self.root / folder, transform, h.skip_unreadable)
         if dataset.classes != self.classes:
-            raise ValueError(
+            raise DatasetError(
                 f"{self.root / folder}: classes {dataset.classes} differ from {self.describe()}: {self.classes}"
             )
         return dataset

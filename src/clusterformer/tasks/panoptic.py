@@ -24,12 +24,13 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.panoptic import CocoPanoptic, read_panoptic_json
+from ..errors import SettingError
 from ..heads import build_set_model, panoptic_postprocess
 from ..losses import IGNORE_INDEX, PanopticLossSettings, panoptic_criterion
 from ..metrics.coco import coco_evaluate
 from ..metrics.panoptic import PanopticQuality
 from ..metrics.semantic import SemanticConfusion
-from .base import DenseData, DenseTask
+from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
 from .semantic import ImageOnly
 from .sets import pad_batch
 from .settings import DecoderSettings, as_settings
@@ -89,6 +90,7 @@ class PanopticData(DenseData):
         num_workers: int = 4,
     ):
         super().__init__()
+        check_loader_settings(batch_size, num_workers)
         self.save_hyperparameters()
         self.root = Path(root)
         self.val_annotation_file = self.root / val_annotations
@@ -160,6 +162,11 @@ class PanopticTask(DenseTask):
         mask_threshold: float = 0.5,
     ):
         super().__init__()
+        check_task_settings(lr, num_classes)
+        check_model_name("backbone", backbone)
+        if not 0 <= num_things <= num_classes:
+            problem = f"must be between 0 and num_classes ({num_classes}), got {num_things}"
+            raise SettingError("num_things", problem, "model")
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
         decoder = asdict(as_settings(DecoderSettings, decoder, "decoder"))
         loss = asdict(as_settings(PanopticLossSettings, loss, "loss"))
@@ -180,16 +187,21 @@ class PanopticTask(DenseTask):
         self._instances: dict[int, list[dict]] = {}
         self._images: dict[int, dict] = {}
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # num_classes
-        data = self._datamodule()
-        if getattr(data, "num_classes", None) is None:
+    def check_data(self, data) -> None:
+        """``num_classes`` (``DenseTask.check_data``), and ``num_things``: the dataset's thing categories must be
+        the model's things, labels ``0..num_things-1`` (categories sorted by id)."""
+        super().check_data(data)
+        found = getattr(data, "thing_classes", None)
+        if getattr(data, "num_classes", None) is None or found is None or found == self.thing_classes:
             return
-        if data.thing_classes != self.thing_classes:
-            raise ValueError(
-                f"model num_things={self.hparams.num_things} (things = labels 0..{self.hparams.num_things - 1}) but "
-                f"{data.describe()} has things at labels {data.thing_classes[:10]}... (categories sorted by id)"
-            )
+        contiguous = found == list(range(len(found)))
+        raise SettingError(
+            "num_things",
+            f"{self.hparams.num_things} (things = labels 0..{self.hparams.num_things - 1}), but {data.describe()} has "
+            f"things at labels {found[:10]}{'...' if len(found) > 10 else ''} (categories sorted by id); "
+            + (f"set it to {len(found)}" if contiguous else "the thing categories must come first (by id)"),
+            "model",
+        )
 
     # --- evaluation -------------------------------------------------------------------------------
     def _categories(self) -> list[dict]:

@@ -21,7 +21,7 @@ from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
 from ..losses import SemanticLossSettings, semantic_criterion
 from ..metrics.semantic import SemanticConfusion
-from .base import DenseData, DenseTask
+from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
 from .sets import pad_batch
 from .settings import DecoderSettings, as_settings
 
@@ -88,6 +88,7 @@ class SemanticData(DenseData):
         num_workers: int = 4,
     ):
         super().__init__()
+        check_loader_settings(batch_size, num_workers)
         self.save_hyperparameters()
         self.root = Path(root)
 
@@ -141,6 +142,8 @@ class SemanticTask(DenseTask):
         lr_milestones: tuple[float, ...] = (0.9, 0.95),
     ):
         super().__init__()
+        check_task_settings(lr, num_classes)
+        check_model_name("backbone", backbone)
         decoder_settings = replace(as_settings(DecoderSettings, decoder, "decoder"), num_queries=num_classes)
         loss_settings = as_settings(SemanticLossSettings, loss, "loss")
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses

@@ -21,10 +21,19 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.coco import CocoInstances, read_coco
+from ..errors import SettingError
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, SetLossSettings, detection_criterion, instance_criterion, joint_criterion
 from ..metrics.coco import coco_evaluate, to_coco_results
-from .base import DenseData, DenseTask, set_optimizers, step_decay  # noqa: F401  (re-exported)
+from .base import (  # noqa: F401  (set_optimizers, step_decay re-exported)
+    DenseData,
+    DenseTask,
+    check_loader_settings,
+    check_model_name,
+    check_task_settings,
+    set_optimizers,
+    step_decay,
+)
 from .settings import DecoderSettings, as_settings
 
 TASKS = ("detection", "instance")
@@ -95,6 +104,7 @@ class CocoData(DenseData):
         num_workers: int = 4,
     ):
         super().__init__()
+        check_loader_settings(batch_size, num_workers)
         self.save_hyperparameters()
         self.root = Path(root)
         self.val_annotation_file = self.root / val_annotations
@@ -182,7 +192,9 @@ class SetTask(DenseTask):
     ):
         super().__init__()
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+            raise SettingError("task", f"must be one of {', '.join(TASKS)}, got {task!r}", "model")
+        check_task_settings(lr, num_classes)
+        check_model_name("backbone", backbone)
         decoder_settings = as_settings(DecoderSettings, decoder, "decoder")
         loss_settings = as_settings(SetLossSettings, loss, "loss")
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses

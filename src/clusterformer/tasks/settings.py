@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
+from ..errors import SettingError
+
 __all__ = ["DecoderSettings", "as_settings"]
 
 Settings = TypeVar("Settings")
@@ -56,8 +58,8 @@ class DecoderSettings:
 
 
 def as_settings(cls: type[Settings], value: Settings | Mapping[str, Any] | None, option: str) -> Settings:
-    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields (an unknown key is a ``ValueError``
-    naming it and ``option``), an instance itself."""
+    """``value`` as a ``cls``: ``None`` gives the defaults, a mapping its fields (an unknown key is a
+    :class:`~clusterformer.errors.SettingError` naming it and ``option``), an instance itself."""
     if value is None:
         return cls()
     if isinstance(value, cls):
@@ -66,9 +68,11 @@ def as_settings(cls: type[Settings], value: Settings | Mapping[str, Any] | None,
         names = [f.name for f in fields(cls)]
         unknown = [str(key) for key in value if key not in names]
         if unknown:
-            raise ValueError(
-                f"{option}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-                f"the {cls.__name__} keys are {', '.join(names)}"
+            raise SettingError(
+                option,
+                f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                f"the {cls.__name__} keys are {', '.join(names)}",
+                "model",
             )
         return cls(**value)
     raise TypeError(f"{option}: expected a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
