@@ -122,8 +122,8 @@ class ModelResult:
     def summary(self, batch: int) -> dict:
         return dict(
             model=self.model,
-            params_m=round(self.params_m, 3),
-            gmacs=round(self.gmacs, 3),
+            params_m=self.params_m,  # unrounded: the table rounds once
+            gmacs=self.gmacs,
             infer_img_s=self._ips(self.infer, batch),
             infer_best_img_s=self._best_ips(self.infer, batch),
             train_img_s=self._ips(self.train, batch),
