@@ -62,12 +62,16 @@ def _no_autocast(device: torch.device):
 
 
 def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
-    """``(Q, C)`` logits, ``(n,)`` labels -> ``(Q, n)`` focal positive minus negative cost at the labels."""
+    """``(Q, C)`` logits, ``(n,)`` labels -> ``(Q, n)`` focal positive minus negative cost at the labels.
+
+    As torchvision's ``sigmoid_focal_loss``: a negative ``alpha`` weights neither side, and ``gamma = 0`` with
+    ``alpha < 0`` is the binary cross-entropy cost ``-log p + log(1 - p) = -logit``."""
     logits = logits[:, labels]
     prob = logits.sigmoid()
+    positive_weight, negative_weight = (alpha, 1 - alpha) if alpha >= 0 else (1.0, 1.0)
     # -log(p) = softplus(-x) and -log(1 - p) = softplus(x): exact where log(sigmoid) would underflow
-    positive = alpha * (1 - prob).pow(gamma) * F.softplus(-logits)
-    negative = (1 - alpha) * prob.pow(gamma) * F.softplus(logits)
+    positive = positive_weight * (1 - prob).pow(gamma) * F.softplus(-logits)
+    negative = negative_weight * prob.pow(gamma) * F.softplus(logits)
     return positive - negative
 
 
