@@ -415,6 +415,30 @@ def test_torch_maps_and_merged_accumulators():
     assert_same(first.merge(second).compute(), whole.compute())
 
 
+def test_metric_update_compute_reset_round_trip():
+    """A torchmetrics Metric with summed states: the same images after ``reset`` give the same figures, and the
+    counts are no part of a ``state_dict``."""
+    categories = [{"id": i, "isthing": int(i in (1, 2, 3, 6))} for i in range(1, 8)]
+    rng = np.random.default_rng(4)
+    images = [random_image(rng) for _ in range(20)]
+    metric = PanopticQuality(categories)
+    for image in images:
+        metric.update(*image)
+    first = metric.compute()
+    assert_same(first, reference_on_arrays(images, categories)[0])
+    metric.reset()
+    assert metric.tp.sum() == metric.fp.sum() == metric.fn.sum() == 0 and metric.iou.sum() == 0
+    for image in images:
+        metric.update(*image)
+    assert_same(metric.compute(), first)
+    assert metric.state_dict() == {}
+    assert {name: fx.__name__ for name, fx in metric._reductions.items()} == dict.fromkeys(
+        ("tp", "fp", "fn", "iou"), "dim_zero_sum"
+    )
+    with pytest.raises(ValueError, match="different categories"):
+        metric.merge(PanopticQuality(categories[:3]))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Hand-computed cases
 

@@ -12,9 +12,10 @@ import torch
 from clusterformer.cli import main
 from clusterformer.errors import SettingError
 from clusterformer.metrics.panoptic import pq_compute, write_panoptic
+from clusterformer.metrics.panoptic_eval import miou_with_void
 from clusterformer.metrics.semantic import SemanticConfusion
 from clusterformer.tasks import PanopticData, PanopticTask
-from clusterformer.tasks.panoptic import _miou_with_void, collate_panoptic
+from clusterformer.tasks.panoptic import collate_panoptic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)
@@ -59,7 +60,7 @@ def test_miou_pan_counts_void_predictions_as_misses():
     label = np.array([[0, 0, 1, 1]])
     confusion.update(np.array([[0, 2, 1, 1]]), label)  # one class-0 pixel left void
     # class 0: intersection 1, union 2; class 1: 2 / 2
-    assert _miou_with_void(confusion) == pytest.approx((0.5 + 1.0) / 2)
+    assert miou_with_void(confusion) == pytest.approx((0.5 + 1.0) / 2)
 
 
 def test_validation_pq_equals_offline_pq_compute(shapes, tmp_path):

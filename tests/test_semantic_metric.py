@@ -110,6 +110,26 @@ def test_torch_batches_equal_numpy_images():
     assert_same(merged.compute(), reference_metrics(pairs, 5))
 
 
+def test_metric_update_compute_reset_round_trip():
+    """A torchmetrics Metric with one summed state: the same images after ``reset`` give the same figures, and
+    the counts are no part of a ``state_dict`` (a task's checkpoint keeps its keys)."""
+    rng = np.random.default_rng(3)
+    pairs = random_pairs(rng, num_classes=6, used=4)
+    metric = SemanticConfusion(6)
+    for prediction, label in pairs:
+        metric.update(torch.from_numpy(prediction), torch.from_numpy(label))
+    first = metric.compute()
+    assert_same(first, reference_metrics(pairs, 6))
+    metric.reset()
+    assert metric.confusion.shape == (6, 6) and metric.confusion.sum() == 0
+    for prediction, label in pairs:
+        metric.update(prediction, label)
+    assert_same(metric.compute(), first)
+    assert metric.state_dict() == {} and metric._reductions["confusion"].__name__ == "dim_zero_sum"
+    with pytest.raises(ValueError, match="cannot merge 5 classes into 6"):
+        metric.merge(SemanticConfusion(5))
+
+
 def test_empty_metric_is_nan():
     results = SemanticConfusion(3).compute()
     assert math.isnan(results["mIoU"]) and math.isnan(results["aAcc"]) and len(results["IoU"]) == 3

@@ -13,12 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import DatasetNotFoundError
 from .coco import AnnotationError, load_json
 from .images import ImageReadError, load_rgb
-
-
-def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
-    """COCO panoptic encoding: ``id = R + 256 G + 256^2 B``."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+from .masks import rgb_to_ids
 
 
 def read_panoptic_json(path: str | Path) -> dict:

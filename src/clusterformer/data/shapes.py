@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..outputs import remove_outputs, write_json
+from .masks import encode_rle, ids_to_rgb, rle_to_bbox
 
 THINGS = ("circle", "square", "triangle", "star")
 STUFF = ("sky", "ground", "water")
@@ -154,23 +155,6 @@ def render_scene(rng: np.random.Generator, size: int, crowd_prob: float = 0.15) 
     return Scene(np.clip(image, 0, 255).astype(np.uint8), segments, infos)
 
 
-def _bbox(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-
-
-def _rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
-def _ids_to_rgb(ids: np.ndarray) -> np.ndarray:
-    return np.stack([ids % 256, ids // 256 % 256, ids // 256**2], -1).astype(np.uint8)
-
-
 MANIFEST = "shapes.json"
 MANIFEST_FORMAT = "clusterformer-shapes"
 # the entries of a dataset folder that make_shapes writes (and removes to replace a dataset)
@@ -260,7 +244,8 @@ def write_split(
             mask = scene.segments == seg_index
             semantic[mask] = info["category_id"]
             area = int(mask.sum())
-            bbox = _bbox(mask)
+            rle = encode_rle(mask)
+            bbox = rle_to_bbox(rle)
             segments_info.append(
                 dict(id=seg_index, category_id=info["category_id"], iscrowd=info["iscrowd"], bbox=bbox, area=area)
             )
@@ -268,7 +253,7 @@ def write_split(
                 continue
             annotation_id = len(instances) + 1
             instances.append(
-                dict(id=annotation_id, image_id=image_id, category_id=info["category_id"], segmentation=_rle(mask),
+                dict(id=annotation_id, image_id=image_id, category_id=info["category_id"], segmentation=rle,
                      area=area, bbox=bbox, iscrowd=info["iscrowd"])
             )  # fmt: skip
             if not info["iscrowd"] and area >= CROP_MIN_VISIBLE * info["full_area"]:
@@ -281,7 +266,7 @@ def write_split(
                 )
                 crops += 1
         Image.fromarray(semantic).save(out / "semantic" / split / f"{stem}.png")
-        Image.fromarray(_ids_to_rgb(scene.segments)).save(out / "annotations" / f"panoptic_{split}" / f"{stem}.png")
+        Image.fromarray(ids_to_rgb(scene.segments)).save(out / "annotations" / f"panoptic_{split}" / f"{stem}.png")
         panoptic.append(dict(image_id=image_id, file_name=f"{stem}.png", segments_info=segments_info))
 
     info = dict(description="ClusterFormer shapes", version="1.0", seed=seed, split=split)

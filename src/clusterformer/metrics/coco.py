@@ -24,11 +24,12 @@ import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.ops import box_convert
 
 from ..data.coco import REQUIRED, AnnotationError, read_coco
+from ..data.masks import encode_rles
+from .distributed import gather_objects
 
 IOU_TYPES = ("bbox", "segm")
 # names of COCOeval.stats[0:12], in its order
@@ -277,10 +278,67 @@ def to_coco_results(
         for category, score, box in zip(categories, scores.tolist(), boxes_xywh, strict=True)
     ]
     if masks is not None:
-        from pycocotools import mask as mask_utils
-
-        # pycocotools encodes a Fortran-ordered (H, W, N) uint8 array
-        stacked = np.asfortranarray(masks.detach().to("cpu", torch.uint8).numpy().transpose(1, 2, 0))
-        for result, rle in zip(results, mask_utils.encode(stacked), strict=True):
-            result["segmentation"] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        for result, rle in zip(results, encode_rles(masks), strict=True):
+            result["segmentation"] = rle
     return results
+
+
+class CocoEvaluator:
+    """COCO AP of a detection or instance model over a split: the predictions of every image as COCO result
+    dicts (:func:`to_coco_results`), gathered from every process at ``compute`` (``metrics.distributed``;
+    duplicates of the distributed sampler's padding collapse, results being kept by image id) and scored by
+    :func:`coco_evaluate` against the ground truth restricted to the evaluated images.
+
+    Args:
+        annotation_file: the split's COCO instances JSON (the data module's ``val_annotation_file``, handed over
+            by the task's ``setup``); read at each ``compute``. ``None``: ``compute`` is an error.
+        iou_types: what ``compute`` scores, ``"bbox"`` and / or ``"segm"``.
+        label_to_category: the COCO category id of each contiguous label (see :func:`to_coco_results`).
+    """
+
+    def __init__(
+        self,
+        annotation_file: str | Path | None,
+        iou_types: Sequence[str] = ("bbox",),
+        label_to_category: Sequence[int] | Mapping[int, int] | None = None,
+    ):
+        unknown = [t for t in iou_types if t not in IOU_TYPES]
+        if unknown:
+            raise ValueError(f"iou_types must be among {IOU_TYPES}, got {unknown}")
+        self.annotation_file = annotation_file
+        self.iou_types = tuple(iou_types)
+        self.label_to_category = label_to_category
+        self.reset()
+
+    def reset(self) -> None:
+        self.results: dict[int, dict[str, list[dict]]] = {}
+
+    def update(self, image_id: int, bbox: Mapping | None = None, segm: Mapping | None = None) -> None:
+        """One image's detections: ``bbox`` and ``segm`` are ``heads.postprocess`` results (``boxes`` XYXY in
+        pixels, ``scores``, ``labels``; ``segm`` also ``masks`` at the ground truth's size) for the box and the
+        mask results; each is left out when ``None``."""
+        records = {iou_type: [] for iou_type in IOU_TYPES}
+        for iou_type, result in (("bbox", bbox), ("segm", segm)):
+            if result is None:
+                continue
+            records[iou_type] = to_coco_results(
+                image_id, result["boxes"].cpu(), result["scores"].cpu(), result["labels"].cpu(),
+                masks=result["masks"].cpu() if iou_type == "segm" else None, label_to_category=self.label_to_category,
+            )  # fmt: skip
+        self.results[int(image_id)] = records
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{iou_type: coco_evaluate's dict}`` over the images of every process. A collective under DDP."""
+        predictions = {k: v for part in gather_objects(self.results) for k, v in part.items()}
+        if self.annotation_file is None:
+            raise ValueError(
+                "COCO evaluation needs the ground truth: give the task a data module with a val_annotation_file"
+            )
+        gt = read_coco(self.annotation_file)
+        seen = set(predictions)
+        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in seen]}
+        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
+        return {
+            iou_type: coco_evaluate(gt, [r for records in predictions.values() for r in records[iou_type]], iou_type)
+            for iou_type in self.iou_types
+        }

@@ -37,9 +37,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..data.coco import AnnotationError, load_json
-from ..data.panoptic import read_panoptic_json, rgb_to_ids
+from ..data.masks import ID_LIMIT, ids_to_rgb, rgb_to_ids
+from ..data.panoptic import read_panoptic_json
+from .distributed import SummedMetric
 
-OFFSET = 256 * 256 * 256  # ids are 24-bit, so gt_id * OFFSET + pred_id identifies a pair
+OFFSET = ID_LIMIT  # ids are 24-bit (256^3 values), so gt_id * OFFSET + pred_id identifies a pair
 VOID = 0
 
 
@@ -55,15 +57,20 @@ def _ids(ids, what: str) -> np.ndarray:
     return ids
 
 
-class PanopticQuality:
+class PanopticQuality(SummedMetric):
     """Accumulates panopticapi's per-category TP, FP, FN and IoU sums over images; ``compute`` averages.
+
+    A ``torchmetrics.Metric`` whose states ``tp``, ``fp``, ``fn`` (int64) and ``iou`` (float64), one entry per
+    category, are sums: under DDP, ``compute`` adds those of every process first (as panopticapi adds the
+    ``PQStat`` of its worker processes), see ``metrics.distributed``; ``reset`` zeroes them.
 
     Args:
         categories: the categories (``id``, ``isthing``), e.g. a panoptic JSON's ``categories``; the
             averages and ``per_class`` follow this order.
     """
 
-    def __init__(self, categories: Sequence[Mapping]):
+    def __init__(self, categories: Sequence[Mapping], **kwargs):
+        super().__init__(**kwargs)
         self.categories = [dict(c) for c in categories]
         self.index = {}
         for i, category in enumerate(self.categories):
@@ -73,22 +80,14 @@ class PanopticQuality:
                 raise ValueError(f"category id {category['id']} appears twice in the categories")
             self.index[category["id"]] = i
         self.isthing = np.array([c["isthing"] == 1 for c in self.categories], bool)
-        self.reset()
-
-    def reset(self) -> None:
         count = len(self.categories)
-        self.tp, self.fp, self.fn = (np.zeros(count, np.int64) for _ in range(3))
-        self.iou = np.zeros(count, np.float64)
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(count, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("iou", torch.zeros(count, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def merge(self, other: PanopticQuality) -> PanopticQuality:
-        """Add the counts of ``other`` (same categories), e.g. gathered from another process."""
+    def _check_mergeable(self, other: PanopticQuality) -> None:
         if [c["id"] for c in other.categories] != [c["id"] for c in self.categories]:
             raise ValueError("cannot merge PanopticQuality objects with different categories")
-        self.tp += other.tp
-        self.fp += other.fp
-        self.fn += other.fn
-        self.iou += other.iou
-        return self
 
     def _segments(self, segments: Sequence[Mapping], present: np.ndarray, what: str) -> dict[int, Mapping]:
         """``segments_info`` by id, checked against the ids ``present`` in the map (void excluded)."""
@@ -157,6 +156,9 @@ class PanopticQuality:
         def is_crowd(segment: Mapping) -> bool:
             return segment.get("iscrowd", 0) == 1
 
+        count = len(self.categories)
+        tp, fp, fn = (np.zeros(count, np.int64) for _ in range(3))
+        iou_sum = np.zeros(count, np.float64)
         gt_matched, pred_matched = set(), set()
         for (gt_id, pred_id), overlap in intersection.items():
             if gt_id == VOID or pred_id == VOID:
@@ -168,8 +170,8 @@ class PanopticQuality:
             iou = overlap / union
             if iou > 0.5:
                 category = self.index[gt["category_id"]]
-                self.tp[category] += 1
-                self.iou[category] += iou
+                tp[category] += 1
+                iou_sum[category] += iou
                 gt_matched.add(gt_id)
                 pred_matched.add(pred_id)
 
@@ -180,7 +182,7 @@ class PanopticQuality:
             if is_crowd(gt):
                 crowd_of_category[gt["category_id"]] = gt_id
                 continue
-            self.fn[self.index[gt["category_id"]]] += 1
+            fn[self.index[gt["category_id"]]] += 1
 
         for pred_id, pred in pred_segms.items():
             if pred_id in pred_matched:
@@ -190,12 +192,15 @@ class PanopticQuality:
                 ignored += intersection.get((crowd_of_category[pred["category_id"]], pred_id), 0)
             if ignored / area_of_pred[pred_id] > 0.5:
                 continue
-            self.fp[self.index[pred["category_id"]]] += 1
+            fp[self.index[pred["category_id"]]] += 1
+        for name, counts in (("tp", tp), ("fp", fp), ("fn", fn), ("iou", iou_sum)):
+            state = getattr(self, name)
+            state += torch.from_numpy(counts).to(state.device)
 
     def compute(self) -> dict:
         """panopticapi's result: ``{"All", "Things", "Stuff": {"pq", "sq", "rq": float, "n": int},
         "per_class": {category_id: {"pq", "sq", "rq"}}}``, as fractions."""
-        tp, fp, fn, iou = self.tp, self.fp, self.fn, self.iou
+        tp, fp, fn, iou = (state.cpu().numpy() for state in (self.tp, self.fp, self.fn, self.iou))
         results = {}
         per_class = {}
         for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
@@ -328,7 +333,4 @@ def write_panoptic(folder: str | Path, file_name: str, ids: np.ndarray) -> None:
         ids = ids.astype(np.int64)
     if ids.ndim != 2 or (ids.size and (ids.min() < 0 or ids.max() >= OFFSET)):
         raise ValueError(f"{file_name}: expected a 2-d map of ids in 0..{OFFSET - 1}")
-    rgb = np.empty((*ids.shape, 3), np.uint8)  # channel by channel: no (H, W, 3) int64 array for a large map
-    for channel in range(3):
-        rgb[..., channel] = ids >> (8 * channel) & 255
-    Image.fromarray(rgb).save(Path(folder) / file_name)
+    Image.fromarray(ids_to_rgb(ids)).save(Path(folder) / file_name)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..data.semantic import IGNORE_INDEX  # one void label for the data, the losses and the metrics
+from .distributed import SummedMetric
 
 
 def _as_integer(values, what: str):
@@ -37,30 +38,27 @@ def _as_integer(values, what: str):
     return values.astype(np.int64, copy=False)
 
 
-class SemanticConfusion:
+class SemanticConfusion(SummedMetric):
     """Dataset-level confusion matrix of a semantic segmentation, and mmsegmentation's metrics from it.
 
-    ``confusion[label, prediction]`` counts the pixels whose label is not ``ignore_index``; its diagonal
-    is the per-class intersection, its row sums the labelled areas, its column sums the predicted areas.
-    ``update`` takes numpy arrays or torch tensors (on any device; counted there, one small transfer).
+    ``confusion[label, prediction]`` (an int64 tensor state) counts the pixels whose label is not
+    ``ignore_index``; its diagonal is the per-class intersection, its row sums the labelled areas, its column
+    sums the predicted areas. ``update`` takes numpy arrays or torch tensors (on any device; counted there, one
+    small transfer). A ``torchmetrics.Metric`` with a summed state: under DDP, ``compute`` adds the counts of
+    every process before it divides (see ``metrics.distributed``); ``reset`` zeroes the counts.
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, **kwargs):
+        super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum")
 
-    def reset(self) -> None:
-        self.confusion[:] = 0
-
-    def merge(self, other: SemanticConfusion) -> SemanticConfusion:
-        """Add the counts of ``other`` (e.g. gathered from another process)."""
+    def _check_mergeable(self, other: SemanticConfusion) -> None:
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge {other.num_classes} classes into {self.num_classes}")
-        self.confusion += other.confusion
-        return self
 
     def update(self, prediction, label) -> None:
         """Count one image or a batch: ``prediction`` and ``label`` of the same shape, e.g. ``(H, W)`` or
@@ -78,7 +76,7 @@ class SemanticConfusion:
             bad_label = label[(label < 0) | (label >= c)].unique().cpu().tolist()
             bad_prediction = prediction[(prediction < 0) | (prediction >= c)].unique().cpu().tolist()
             pairs = (label * c + prediction) if not (bad_label or bad_prediction) else None
-            counts = None if pairs is None else torch.bincount(pairs, minlength=c * c).cpu().numpy()
+            counts = None if pairs is None else torch.bincount(pairs, minlength=c * c)
         else:
             counted = label != self.ignore_index
             label, prediction = label[counted], prediction[counted]
@@ -91,23 +89,29 @@ class SemanticConfusion:
             )
         if bad_prediction:
             raise ValueError(f"predicted values {bad_prediction[:10]} are outside the classes 0..{c - 1}")
-        self.confusion += counts.reshape(c, c).astype(np.int64)
+        self.confusion += torch.as_tensor(counts).reshape(c, c).to(self.confusion.device, torch.int64)
+
+    def _areas(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-class ``(intersection, union, label_area)`` from one copy of the counts."""
+        confusion = self.confusion.cpu().numpy()
+        intersection, label_area = np.diag(confusion).copy(), confusion.sum(1)
+        return intersection, label_area + confusion.sum(0) - intersection, label_area
 
     @property
     def intersection(self) -> np.ndarray:
-        return np.diag(self.confusion).copy()
+        return self._areas()[0]
 
     @property
     def label_area(self) -> np.ndarray:
-        return self.confusion.sum(1)
+        return self._areas()[2]
 
     @property
     def prediction_area(self) -> np.ndarray:
-        return self.confusion.sum(0)
+        return self.confusion.cpu().numpy().sum(0)
 
     @property
     def union(self) -> np.ndarray:
-        return self.label_area + self.prediction_area - self.intersection
+        return self._areas()[1]
 
     def compute(self) -> dict:
         """``{"mIoU", "mAcc", "aAcc": float, "IoU", "Acc": list of num_classes floats}``, as fractions.
@@ -115,11 +119,12 @@ class SemanticConfusion:
         Per-class values are NaN where undefined (see the module docstring); so is a mean over no
         defined class, and ``aAcc`` before any labelled pixel.
         """
-        intersection = self.intersection.astype(np.float64)
+        intersection, union, label_area = self._areas()
+        intersection = intersection.astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
-            iou = intersection / self.union
-            acc = intersection / self.label_area
-            all_acc = intersection.sum() / self.label_area.sum()
+            iou = intersection / union
+            acc = intersection / label_area
+            all_acc = intersection.sum() / label_area.sum()
 
         def nanmean(values: np.ndarray) -> float:
             return float(np.mean(values[~np.isnan(values)])) if not np.isnan(values).all() else float("nan")

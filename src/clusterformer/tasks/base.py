@@ -1,25 +1,32 @@
 """What the Lightning tasks share.
 
-``check_finite``, ``save_checkpoint_extras`` and ``load_checkpoint_extras``: all tasks, classification
-included; so are the checks of the settings (``check_task_settings``, ``check_loader_settings``) and of the
-dataset against the model (``check_num_classes``), which raise :class:`~clusterformer.errors.SettingError`.
-For the dense tasks (detection / instance, semantic, panoptic):
-``DenseData``: the data loaders (shuffled, ``drop_last`` training batches; the subclass gives the
-dataset and the collate function). ``DenseTask``: the forward pass, the training step (the criterion's
-weighted total, a stop on a non-finite loss, loss logging), the validation / test / predict hooks
-around the subclass's ``_evaluate(batch, split)``, ``_score(split)`` and ``_reset_evaluation()``,
-AdamW with the step schedule (``set_optimizers``) and the checkpoint extras (RNG states, the task
-name, the class names).
+``BaseTask``: the base of every task, classification included. The subclass's constructor checks its
+settings, saves its hyperparameters and calls ``build()``, which makes ``model``, ``criterion`` and ``metrics``
+from the subclass's ``build_model``, ``build_criterion`` and ``build_metrics``; ``setup`` checks the data module
+against the model (``check_data``: its number of classes) and builds the metrics again with it (the COCO
+categories, the annotation file of the evaluation); AdamW over the subclass's ``param_groups`` with its per-step
+``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names). The checks of the settings
+(``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
+(``check_num_classes``) raise :class:`~clusterformer.errors.SettingError`.
+
+For the dense tasks (detection / instance, semantic, panoptic): ``DenseData``, the data loaders (shuffled,
+``drop_last`` training batches; the subclass gives the dataset and the collate function); ``DenseTask``, the
+forward pass, the training step (the criterion's weighted total, a stop on a non-finite loss, loss logging), the
+validation / test / predict hooks around the subclass's ``_evaluate(batch, split)`` (post-process, update the
+metrics) and ``_score(split)`` (log the metrics; they are reset after it), and the four AdamW groups with the
+step schedule.
 """
 
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from numbers import Integral, Real
 
 import lightning as L
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import SettingError
@@ -108,33 +115,6 @@ class DenseData(L.LightningDataModule):
         return self._loader(train=False)
 
 
-def set_optimizers(module: L.LightningModule) -> dict:
-    """AdamW over ``module.model`` in four groups — backbone or not, decayed or not (no decay on norms,
-    biases and the backbone's ``no_weight_decay()``) — the backbone at ``lr * backbone_lr_mult``; the
-    per-step ``step_decay`` schedule. Reads ``lr``, ``backbone_lr_mult``, ``weight_decay``,
-    ``warmup_steps`` and ``lr_milestones`` from the module's hyperparameters."""
-    h = module.hparams
-    model = module.model
-    backbone_no_decay = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_backbone = name.startswith("backbone.")
-        decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
-        key = (is_backbone, decay)
-        if key not in groups:
-            lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
-            groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
-        groups[key]["params"].append(param)
-    optimizer = torch.optim.AdamW(list(groups.values()), lr=h.lr)
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: step_decay(step, h.warmup_steps, total, tuple(h.lr_milestones))
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 def step_decay(step: int, warmup_steps: int, total_steps: int, milestones: tuple[float, ...]) -> float:
     """Learning-rate factor: linear warm-up, then x0.1 at each milestone (fractions of the run)."""
     if step < warmup_steps:
@@ -151,33 +131,48 @@ def check_finite(module: L.LightningModule, loss: torch.Tensor) -> None:
         )
 
 
-def save_checkpoint_extras(module: L.LightningModule, checkpoint: dict, task: str) -> None:
-    """RNG states (exact resume), the task name (``weights.task_from_checkpoint``) and the class names
-    (``clusterformer predict``)."""
-    checkpoint["rng_states"] = rng_states()
-    checkpoint["clusterformer_task"] = task
-    save_dataset_info(module, checkpoint)
+class BaseTask(L.LightningModule, ABC):
+    """Base of the Lightning tasks: ``model``, ``criterion`` and ``metrics`` from the subclass's builders, the
+    class-count check of the data, AdamW with a per-step schedule, and the checkpoint extras.
 
+    The subclass sets ``task_name`` (what ``weights.task_from_checkpoint`` reads back) and, for the mismatch
+    error, ``class_word`` (what its dataset calls its classes); its constructor calls ``build()`` after
+    ``save_hyperparameters()``, so that the builders read ``self.hparams``.
+    """
 
-def load_checkpoint_extras(module: L.LightningModule, checkpoint: dict) -> None:
-    load_dataset_info(module, checkpoint)
-    if "rng_states" in checkpoint:
-        restore_rng_states(checkpoint["rng_states"])
-
-
-class DenseTask(L.LightningModule):
-    """Base of the dense Lightning tasks: the subclass builds ``self.model`` and ``self.criterion`` (a
-    criterion with ``weighted_total``) and implements ``predict_batch(images, targets)``,
-    ``_evaluate(batch, split)``, ``_score(split)`` and ``_reset_evaluation()``."""
-
+    #: the task's name in its checkpoints (``clusterformer_task``)
+    task_name: str
     #: what the dataset calls its classes, for the mismatch error
     class_word = "categories"
 
-    @property
-    def task_name(self) -> str:
-        raise NotImplementedError
+    def build(self) -> None:
+        """Make ``self.model``, ``self.criterion`` and ``self.metrics`` (without a data module)."""
+        self.model = self.build_model()
+        self.criterion = self.build_criterion()
+        self.metrics = self.build_metrics(None)
 
-    def forward(self, images: torch.Tensor) -> dict:
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The network, from the hyperparameters."""
+
+    @abstractmethod
+    def build_criterion(self) -> nn.Module:
+        """The training loss, from the hyperparameters."""
+
+    @abstractmethod
+    def build_metrics(self, data: L.LightningDataModule | None):
+        """The evaluation's metrics (modules follow the task to its device; their states are not saved). ``data``:
+        the data module of the run (``setup``), ``None`` in the constructor and without one."""
+
+    @abstractmethod
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups (``params``, ``weight_decay``, and ``lr`` where it differs)."""
+
+    @abstractmethod
+    def lr_schedule(self, total_steps: int) -> Callable[[int], float]:
+        """The learning-rate factor of each optimizer step, for a run of ``total_steps`` steps."""
+
+    def forward(self, images: torch.Tensor):
         return self.model(images)
 
     def _datamodule(self):
@@ -189,7 +184,38 @@ class DenseTask(L.LightningModule):
         check_num_classes(self, data, self.class_word)
 
     def setup(self, stage: str) -> None:
-        self.check_data(self._datamodule())
+        data = self._datamodule()
+        self.check_data(data)
+        self.metrics = self.build_metrics(data)  # before Lightning moves the task to its device
+
+    # --- optimisation and checkpoints -------------------------------------------------------------
+    def optimizer_options(self) -> dict:
+        """Keyword arguments of AdamW besides the groups and ``lr`` (none: PyTorch's defaults)."""
+        return {}
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.hparams.lr, **self.optimizer_options())
+        factor = self.lr_schedule(max(1, int(self.trainer.estimated_stepping_batches)))
+        # a lambda, not a callable object, so that the scheduler's state_dict stores no schedule
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor(step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """RNG states (exact resume), the task name (``weights.task_from_checkpoint``) and the class names
+        (``clusterformer predict``)."""
+        checkpoint["rng_states"] = rng_states()
+        checkpoint["clusterformer_task"] = self.task_name
+        save_dataset_info(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_dataset_info(self, checkpoint)
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+
+
+class DenseTask(BaseTask):
+    """Base of the dense Lightning tasks: the subclass builds a criterion with ``weighted_total`` and
+    implements ``predict_batch(images, targets)``, ``_evaluate(batch, split)`` and ``_score(split)``."""
 
     def training_step(self, batch, batch_idx):
         images, targets = batch
@@ -213,34 +239,47 @@ class DenseTask(L.LightningModule):
     def _score(self, split: str) -> None:
         raise NotImplementedError
 
-    def _reset_evaluation(self) -> None:
-        raise NotImplementedError
-
     def validation_step(self, batch, batch_idx):
         self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking:  # the sanity check's batches are not scored
-            self._reset_evaluation()
-            return
-        self._score("val")
+        if not self.trainer.sanity_checking:  # the sanity check's batches are not scored
+            self._score("val")
+        self.metrics.reset()
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         self._score("test")
+        self.metrics.reset()
 
     def predict_step(self, batch, batch_idx):
         images, targets = batch
         return self.predict_batch(images, targets)
 
-    # --- optimisation and checkpoints -------------------------------------------------------------
-    def configure_optimizers(self):
-        return set_optimizers(self)
+    # --- optimisation -----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Four groups over ``self.model`` — backbone or not, decayed or not (no decay on norms, biases and the
+        backbone's ``no_weight_decay()``) — the backbone at ``lr * backbone_lr_mult``; reads ``lr``,
+        ``backbone_lr_mult`` and ``weight_decay`` from the hyperparameters."""
+        h = self.hparams
+        model = self.model
+        backbone_no_decay = {f"backbone.{n}" for n in getattr(model.backbone, "no_weight_decay", set)()}
+        groups = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_backbone = name.startswith("backbone.")
+            decay = not (param.ndim <= 1 or name.endswith(".bias") or name in backbone_no_decay)
+            key = (is_backbone, decay)
+            if key not in groups:
+                lr = h.lr * (h.backbone_lr_mult if is_backbone else 1.0)
+                groups[key] = {"params": [], "lr": lr, "weight_decay": h.weight_decay if decay else 0.0}
+            groups[key]["params"].append(param)
+        return list(groups.values())
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_checkpoint_extras(self, checkpoint, self.task_name)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_checkpoint_extras(self, checkpoint)
+    def lr_schedule(self, total_steps: int) -> Callable[[int], float]:
+        """``step_decay`` with ``warmup_steps`` and ``lr_milestones`` from the hyperparameters."""
+        h = self.hparams
+        return lambda step: step_decay(step, h.warmup_steps, total_steps, tuple(h.lr_milestones))

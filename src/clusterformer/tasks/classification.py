@@ -7,7 +7,6 @@ from pathlib import Path
 
 import lightning as L
 import timm
-import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import param_groups_weight_decay
@@ -20,16 +19,7 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
 from ..errors import DatasetError, DatasetNotFoundError
-from .base import (
-    check_finite,
-    check_loader_settings,
-    check_model_name,
-    check_num_classes,
-    check_task_settings,
-    load_checkpoint_extras,
-    make_loader,
-    save_checkpoint_extras,
-)
+from .base import BaseTask, check_finite, check_loader_settings, check_model_name, check_task_settings, make_loader
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -72,7 +62,7 @@ def mixing(
     )
 
 
-class ClassificationTask(L.LightningModule):
+class ClassificationTask(BaseTask):
     """Train / evaluate a timm classifier (ClusterFormer by default) with top-1 / top-5.
 
     Args:
@@ -88,6 +78,9 @@ class ClassificationTask(L.LightningModule):
         mix_prob: probability that a batch is mixed; ``mix_switch_prob``: probability of CutMix rather than
             Mixup when both are on; ``mix_mode``: timm's ``"batch"`` (one mix per batch), ``"pair"``, ``"elem"``.
     """
+
+    task_name = "classification"
+    class_word = "classes"
 
     def __init__(
         self,
@@ -110,38 +103,37 @@ class ClassificationTask(L.LightningModule):
         check_task_settings(lr, num_classes)
         check_model_name("model", model)
         self.save_hyperparameters()
-        self.model = timm.create_model(model, num_classes=num_classes, **(model_kwargs or {}))
-        # parameters the classifier does not reach (ClusterFormer's parameters_unused_by_head: with the center head
-        # the last block's dispatching and MLP and the token norm, which the dense tasks train; an idle clustering;
-        # the k-means projections) are frozen: they would get no gradient, which DDP refuses
-        unused = set(getattr(self.model, "parameters_unused_by_head", list)())
-        for name, parameter in self.model.named_parameters():
-            if name in unused:
-                parameter.requires_grad_(False)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.build()
         self.mixup = mixing(
             num_classes, label_smoothing, mixup_alpha, cutmix_alpha, mix_prob, mix_switch_prob, mix_mode
         )  # fmt: skip
         self.soft_criterion = SoftTargetCrossEntropy() if self.mixup is not None else None
+
+    def build_model(self) -> nn.Module:
+        h = self.hparams
+        model = timm.create_model(h.model, num_classes=h.num_classes, **(h.model_kwargs or {}))
+        # parameters the classifier does not reach (ClusterFormer's parameters_unused_by_head: with the center head
+        # the last block's dispatching and MLP and the token norm, which the dense tasks train; an idle clustering;
+        # the k-means projections) are frozen: they would get no gradient, which DDP refuses
+        unused = set(getattr(model, "parameters_unused_by_head", list)())
+        for name, parameter in model.named_parameters():
+            if name in unused:
+                parameter.requires_grad_(False)
+        return model
+
+    def build_criterion(self) -> nn.Module:
+        return nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
+
+    def build_metrics(self, data) -> nn.ModuleDict:
+        num_classes = self.hparams.num_classes
         top_k = min(5, num_classes)
-        self.metrics = nn.ModuleDict(
+        return nn.ModuleDict(
             {
                 f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
                 for split in ("val", "test")
                 for name, k in (("top1", 1), (f"top{top_k}", top_k))
             }
         )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
-
-    def check_data(self, data) -> None:
-        """A :class:`~clusterformer.errors.SettingError` when the data module ``data`` has another number of classes;
-        the ``clusterformer`` command calls it before it runs anything, ``setup`` for every other caller."""
-        check_num_classes(self, data, "classes")
-
-    def setup(self, stage: str) -> None:
-        self.check_data(getattr(self.trainer, "datamodule", None) if self._trainer is not None else None)
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -181,23 +173,19 @@ class ClassificationTask(L.LightningModule):
         probs = self(images).softmax(-1)
         return probs.topk(min(5, probs.shape[-1]), dim=-1)
 
-    def configure_optimizers(self):
+    def param_groups(self) -> list[dict]:
+        """timm's two groups: no weight decay on norms, biases and the model's ``no_weight_decay()``."""
         no_decay = set(getattr(self.model, "no_weight_decay", set)())
-        groups = param_groups_weight_decay(self.model, self.hparams.weight_decay, no_weight_decay_list=no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=self.hparams.betas)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        return param_groups_weight_decay(self.model, self.hparams.weight_decay, no_weight_decay_list=no_decay)
+
+    def optimizer_options(self) -> dict:
+        return {"betas": self.hparams.betas}
+
+    def lr_schedule(self, total_steps: int):
+        """``warmup_cosine`` with ``warmup_epochs`` (as steps) and ``min_lr_ratio``."""
         epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = int(self.hparams.warmup_epochs * total / epochs)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, self.hparams.min_lr_ratio)
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_checkpoint_extras(self, checkpoint, "classification")
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_checkpoint_extras(self, checkpoint)
+        warmup = int(self.hparams.warmup_epochs * total_steps / epochs)
+        return lambda step: warmup_cosine(step, warmup, total_steps, self.hparams.min_lr_ratio)
 
 
 class ImageFolderData(L.LightningDataModule):

@@ -2,7 +2,7 @@
 heads, and a COCO panoptic data module.
 
 Validation turns every image into a panoptic prediction (``heads.panoptic_postprocess``: mask-wise
-merging) at the ground truth's own size and logs, as the paper's Table 5:
+merging) at the ground truth's own size and logs, as the paper's Table 5 (``metrics.panoptic_eval``):
 
 * ``val/PQ``, ``val/SQ``, ``val/RQ`` and their ``_th`` / ``_st`` versions (``metrics.panoptic``, equal to
   panopticapi's ``pq_compute``);
@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
@@ -26,16 +26,12 @@ from ..data import transforms
 from ..data.panoptic import CocoPanoptic, read_panoptic_json
 from ..errors import SettingError
 from ..heads import build_set_model, panoptic_postprocess
-from ..losses import IGNORE_INDEX, PanopticLossSettings, panoptic_criterion
-from ..metrics.coco import coco_evaluate
-from ..metrics.panoptic import PanopticQuality
-from ..metrics.semantic import SemanticConfusion
+from ..losses import PanopticLossSettings, panoptic_criterion
+from ..metrics.panoptic_eval import PanopticEvaluator
 from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
 from .semantic import ImageOnly
 from .sets import pad_batch
 from .settings import DecoderSettings, as_settings
-
-PANOPTIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
 
 
 def collate_panoptic(samples: list[tuple[torch.Tensor, dict]], train: bool = True):
@@ -121,17 +117,7 @@ class PanopticData(DenseData):
         return CocoPanoptic(self.root / h.val_images, self.val_annotation_file, self.root / h.val_masks, transform)
 
 
-def _rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
-
-
 class PanopticTask(DenseTask):
-    task_name = "panoptic"
-
     """Panoptic segmentation with ClusterFormer (paper §4.1.5): queries from the encoder's centers, the
     loss ``5 L_th + 3 L_st + 1 L_aux`` (``losses.panoptic_criterion``), mask-wise merging.
 
@@ -143,6 +129,8 @@ class PanopticTask(DenseTask):
         loss: options of ``panoptic_criterion`` (``losses.PanopticLossSettings``), or a dict of them.
         score_threshold, overlap_threshold, mask_threshold: of the mask-wise merging.
     """
+
+    task_name = "panoptic"
 
     def __init__(
         self,
@@ -172,23 +160,24 @@ class PanopticTask(DenseTask):
         loss = asdict(as_settings(PanopticLossSettings, loss, "loss"))
         self.save_hyperparameters()
         self.thing_classes = list(range(num_things))
-        self.model = build_set_model(
-            backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, semantic_head=True,
-            **decoder,
-        )  # fmt: skip
-        self.criterion = panoptic_criterion(num_classes, self.thing_classes, **loss)
-        self._reset_evaluation()
+        self.build()
 
-    def _reset_evaluation(self) -> None:
-        self._pq = None
-        # one extra class: pixels the panoptic prediction leaves void (misses for their true class)
-        self._semantic = SemanticConfusion(self.hparams.num_classes + 1)
-        self._gt_instances: dict[int, list[dict]] = {}
-        self._instances: dict[int, list[dict]] = {}
-        self._images: dict[int, dict] = {}
+    def build_model(self) -> nn.Module:
+        h = self.hparams
+        return build_set_model(
+            h.backbone, h.num_classes, boxes=False, masks=True, backbone_kwargs=h.backbone_kwargs, semantic_head=True,
+            **h.decoder,
+        )  # fmt: skip
+
+    def build_criterion(self) -> nn.Module:
+        return panoptic_criterion(self.hparams.num_classes, self.thing_classes, **self.hparams.loss)
+
+    def build_metrics(self, data) -> PanopticEvaluator:
+        """PQ, mIoU_pan and mAP_pan_th (``metrics.panoptic_eval``) with the data module's categories."""
+        return PanopticEvaluator(self._categories(data), self.hparams.num_things)
 
     def check_data(self, data) -> None:
-        """``num_classes`` (``DenseTask.check_data``), and ``num_things``: the dataset's thing categories must be
+        """``num_classes`` (``BaseTask.check_data``), and ``num_things``: the dataset's thing categories must be
         the model's things, labels ``0..num_things-1`` (categories sorted by id)."""
         super().check_data(data)
         found = getattr(data, "thing_classes", None)
@@ -204,8 +193,10 @@ class PanopticTask(DenseTask):
         )
 
     # --- evaluation -------------------------------------------------------------------------------
-    def _categories(self) -> list[dict]:
-        data = self._datamodule()  # none in `clusterformer predict`
+    def _categories(self, data=None) -> list[dict]:
+        """The categories of ``data`` (default: the trainer's data module), or ids ``1..num_classes`` with the
+        first ``num_things`` things when there is none (``clusterformer predict``)."""
+        data = data if data is not None else self._datamodule()
         categories = getattr(data, "categories", None)
         if categories is None:
             categories = [
@@ -225,87 +216,12 @@ class PanopticTask(DenseTask):
 
     def _evaluate(self, batch, split: str) -> None:
         images, targets = batch
-        categories = self._categories()
-        if self._pq is None:
-            self._pq = PanopticQuality(categories)
         for target, result in zip(targets, self.predict_batch(images, targets), strict=True):
-            masks = target["masks"].cpu().numpy()
-            labels = target["labels"].cpu().tolist()
-            crowd = target["iscrowd"].cpu().tolist()
-            gt_ids = np.zeros(masks.shape[1:], np.int64)
-            gt_semantic = np.full(masks.shape[1:], IGNORE_INDEX, np.int64)
-            gt_segments = []
-            for mask, segment_id, label, is_crowd in zip(
-                masks, target["segment_ids"].tolist(), labels, crowd, strict=True
-            ):
-                gt_ids[mask] = segment_id
-                gt_semantic[mask] = label
-                gt_segments.append({"id": segment_id, "category_id": categories[label]["id"], "iscrowd": is_crowd})
-            pred_ids = result["ids"].cpu().numpy().astype(np.int64)
-            self._pq.update(gt_ids, gt_segments, pred_ids, result["segments_info"])
-            # mIoU_pan: the panoptic prediction read as a semantic map (void -> no class)
-            pred_semantic = np.full(pred_ids.shape, self.hparams.num_classes, np.int64)
-            for segment in result["segments_info"]:
-                pred_semantic[pred_ids == segment["id"]] = segment["label"]
-            self._semantic.update(pred_semantic, gt_semantic)
-            # mAP_pan^th: thing segments as instances
-            image_id = int(target["image_id"])
-            hh, ww = gt_ids.shape
-            self._images[image_id] = {"id": image_id, "file_name": str(image_id), "height": hh, "width": ww}
-            self._gt_instances[image_id] = [
-                {"image_id": image_id, "category_id": categories[label]["id"], "segmentation": _rle(mask),
-                 "area": int(mask.sum()), "bbox": _bbox(mask), "iscrowd": is_crowd}
-                for mask, label, is_crowd in zip(masks, labels, crowd, strict=True)
-                if label < self.hparams.num_things
-            ]  # fmt: skip
-            self._instances[image_id] = [
-                {"image_id": image_id, "category_id": s["category_id"], "score": float(s["score"]),
-                 "segmentation": _rle(pred_ids == s["id"])}
-                for s in result["segments_info"]
-                if s["isthing"]
-            ]  # fmt: skip
+            self.metrics.update(target, result)
 
     def _score(self, split: str) -> None:
-        if self._pq is None:
+        values = self.metrics.compute()  # every process's images (a collective under DDP)
+        if values is None:  # no image evaluated
             return
-        pq, semantic = self._pq, self._semantic
-        gt_instances, instances, images = self._gt_instances, self._instances, self._images
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            payload = (pq, semantic, gt_instances, instances, images)
-            torch.distributed.all_gather_object(gathered, payload)
-            pq, semantic = gathered[0][0], gathered[0][1]
-            for other in gathered[1:]:
-                pq, semantic = pq.merge(other[0]), semantic.merge(other[1])
-            for other in gathered:
-                gt_instances.update(other[2])
-                instances.update(other[3])
-                images.update(other[4])
-        result = pq.compute()
-        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
-            for key in ("pq", "sq", "rq"):
-                self.log(
-                    f"{split}/{key.upper()}{suffix}", float(result[group][key]), prog_bar=key == "pq" and not suffix
-                )
-        self.log(f"{split}/mIoU_pan", float(_miou_with_void(semantic)), sync_dist=False)
-        gt = {
-            "images": list(images.values()),
-            "annotations": [dict(a, id=i + 1) for i, a in enumerate(a for v in gt_instances.values() for a in v)],
-            "categories": [c for c in self._categories() if c.get("isthing", 1)],
-        }
-        results = [r for v in instances.values() for r in v]
-        self.log(f"{split}/mAP_pan_th", float(coco_evaluate(gt, results, "segm")["AP"]), sync_dist=False)
-        self._reset_evaluation()
-
-
-def _bbox(mask: np.ndarray) -> list[float]:
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-
-
-def _miou_with_void(confusion: SemanticConfusion) -> float:
-    """mIoU over the real classes of a confusion whose last class stands for void predictions."""
-    iou = np.array(confusion.compute()["IoU"][:-1], dtype=np.float64)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+        for key, value in values.items():
+            self.log(f"{split}/{key}", value, prog_bar=key == "PQ", sync_dist=False)

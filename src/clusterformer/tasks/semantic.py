@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
@@ -114,9 +115,6 @@ class SemanticData(DenseData):
 
 
 class SemanticTask(DenseTask):
-    class_word = "classes"
-    task_name = "semantic"
-
     """Semantic segmentation with ClusterFormer: one decoder query per class (``num_queries =
     num_classes``, initialised from the encoder's centers through a linear map over the center axis),
     per-pixel cross-entropy x5 + dice x1 + class-presence focal loss x2 (``losses.semantic_criterion``),
@@ -127,6 +125,9 @@ class SemanticTask(DenseTask):
     ``num_queries`` is the number of classes. ``loss``: options of ``semantic_criterion``
     (``losses.SemanticLossSettings``), or a dict of them.
     """
+
+    class_word = "classes"
+    task_name = "semantic"
 
     def __init__(
         self,
@@ -149,11 +150,19 @@ class SemanticTask(DenseTask):
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
         decoder, loss = asdict(decoder_settings), asdict(loss_settings)
         self.save_hyperparameters()
-        self.model = build_set_model(
-            backbone, num_classes, boxes=False, masks=True, backbone_kwargs=backbone_kwargs, **decoder
+        self.build()
+
+    def build_model(self) -> nn.Module:
+        h = self.hparams
+        return build_set_model(
+            h.backbone, h.num_classes, boxes=False, masks=True, backbone_kwargs=h.backbone_kwargs, **h.decoder
         )
-        self.criterion = semantic_criterion(num_classes, **loss)
-        self.confusion = {"val": SemanticConfusion(num_classes), "test": SemanticConfusion(num_classes)}
+
+    def build_criterion(self) -> nn.Module:
+        return semantic_criterion(self.hparams.num_classes, **self.hparams.loss)
+
+    def build_metrics(self, data) -> SemanticConfusion:
+        return SemanticConfusion(self.hparams.num_classes)
 
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[torch.Tensor]:
         """Per-image ``(H, W)`` class maps at each target's ``orig_size``."""
@@ -164,21 +173,9 @@ class SemanticTask(DenseTask):
     def _evaluate(self, batch, split: str) -> None:
         images, targets = batch
         for target, prediction in zip(targets, self.predict_batch(images, targets), strict=True):
-            self.confusion[split].update(prediction.cpu(), target["semantic"].cpu())
-
-    def _reset_evaluation(self) -> None:
-        for confusion in self.confusion.values():
-            confusion.reset()
+            self.metrics.update(prediction, target["semantic"])
 
     def _score(self, split: str) -> None:
-        confusion = self.confusion[split]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, confusion)
-            confusion = gathered[0]
-            for other in gathered[1:]:
-                confusion = confusion.merge(other)
-        result = confusion.compute()
+        result = self.metrics.compute()  # the counts of every process (torchmetrics' synchronisation)
         for key in ("mIoU", "mAcc", "aAcc"):
             self.log(f"{split}/{key}", float(result[key]), prog_bar=key == "mIoU", sync_dist=False)
-        self.confusion[split].reset()

@@ -2,8 +2,8 @@
 COCO data module.
 
 Validation gathers the COCO-format predictions of every process, scores them with pycocotools
-(``metrics.coco``) on the images that were evaluated, and logs AP, AP50, AP75, APs, APm, APl under
-``val/bbox_*`` (detection) or ``val/segm_*`` and ``val/bbox_*`` (instance; boxes enclose the masks).
+(``metrics.coco.CocoEvaluator``) on the images that were evaluated, and logs AP, AP50, AP75, APs, APm, APl
+under ``val/bbox_*`` (detection) or ``val/segm_*`` and ``val/bbox_*`` (instance; boxes enclose the masks).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision.ops import box_convert
 
 import clusterformer  # noqa: F401  (registers the models with timm)
@@ -24,16 +25,8 @@ from ..data.coco import CocoInstances, read_coco
 from ..errors import SettingError
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, SetLossSettings, detection_criterion, instance_criterion, joint_criterion
-from ..metrics.coco import coco_evaluate, to_coco_results
-from .base import (  # noqa: F401  (set_optimizers, step_decay re-exported)
-    DenseData,
-    DenseTask,
-    check_loader_settings,
-    check_model_name,
-    check_task_settings,
-    set_optimizers,
-    step_decay,
-)
+from ..metrics.coco import CocoEvaluator
+from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
 from .settings import DecoderSettings, as_settings
 
 TASKS = ("detection", "instance")
@@ -200,13 +193,37 @@ class SetTask(DenseTask):
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
         decoder, loss = asdict(decoder_settings), asdict(loss_settings)
         self.save_hyperparameters()
-        masks = task == "instance"
-        boxes = not masks or predict_boxes
-        self.model = build_set_model(
-            backbone, num_classes, boxes=boxes, masks=masks, backbone_kwargs=backbone_kwargs, **decoder
+        self.build()
+
+    @property
+    def task_name(self) -> str:
+        return self.hparams.task
+
+    def _outputs(self) -> tuple[bool, bool]:
+        """``(boxes, masks)``: the heads of the model."""
+        masks = self.hparams.task == "instance"
+        return not masks or self.hparams.predict_boxes, masks
+
+    def build_model(self) -> nn.Module:
+        h = self.hparams
+        boxes, masks = self._outputs()
+        return build_set_model(
+            h.backbone, h.num_classes, boxes=boxes, masks=masks, backbone_kwargs=h.backbone_kwargs, **h.decoder
         )
-        self.criterion = set_criterion(num_classes, boxes, masks, loss_settings)
-        self._predictions: dict[int, dict] = {}
+
+    def build_criterion(self) -> nn.Module:
+        boxes, masks = self._outputs()
+        loss = as_settings(SetLossSettings, self.hparams.loss, "loss")
+        return set_criterion(self.hparams.num_classes, boxes, masks, loss)
+
+    def build_metrics(self, data) -> CocoEvaluator:
+        """COCO AP against the data module's ``val_annotation_file``, with its category ids."""
+        categories = getattr(data, "categories", None)
+        return CocoEvaluator(
+            getattr(data, "val_annotation_file", None),
+            ("segm", "bbox") if self.hparams.task == "instance" else ("bbox",),
+            {i: c["id"] for i, c in enumerate(categories)} if categories else None,
+        )
 
     # --- evaluation -------------------------------------------------------------------------------
     def predict_batch(self, images: torch.Tensor, targets: list[dict]) -> list[dict]:
@@ -225,50 +242,14 @@ class SetTask(DenseTask):
                 result["box_results"] = box_result
         return results
 
-    @property
-    def task_name(self) -> str:
-        return self.hparams.task
-
-    def _reset_evaluation(self) -> None:
-        self._predictions = {}
-
     def _evaluate(self, batch, split: str) -> None:
         images, targets = batch
-        categories = self._label_to_category()
         for target, result in zip(targets, self.predict_batch(images, targets), strict=True):
-            image_id = int(target["image_id"])
-            records = {"bbox": [], "segm": []}
-            if "masks" in result:
-                records["segm"] = to_coco_results(
-                    image_id, result["boxes"].cpu(), result["scores"].cpu(), result["labels"].cpu(),
-                    masks=result["masks"].cpu(), label_to_category=categories,
-                )  # fmt: skip
-            box = result.get("box_results", result)
-            records["bbox"] = to_coco_results(
-                image_id, box["boxes"].cpu(), box["scores"].cpu(), box["labels"].cpu(), label_to_category=categories
-            )
-            self._predictions[image_id] = records
-
-    def _label_to_category(self) -> dict[int, int] | None:
-        data = getattr(self.trainer, "datamodule", None)
-        categories = getattr(data, "categories", None)
-        return {i: c["id"] for i, c in enumerate(categories)} if categories else None
+            # box results: the box head's when an instance model has one
+            segm = result if "masks" in result else None
+            self.metrics.update(target["image_id"], bbox=result.get("box_results", result), segm=segm)
 
     def _score(self, split: str) -> None:
-        predictions = self._predictions
-        self._predictions = {}
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, predictions)
-            predictions = {k: v for part in gathered for k, v in part.items()}  # padded duplicates collapse
-        data = self.trainer.datamodule
-        gt = read_coco(data.val_annotation_file)
-        seen = set(predictions)
-        gt = {**gt, "images": [im for im in gt["images"] if im["id"] in seen]}
-        gt["annotations"] = [a for a in gt["annotations"] if a["image_id"] in seen]
-        iou_types = ("segm", "bbox") if self.hparams.task == "instance" else ("bbox",)
-        for iou_type in iou_types:
-            results = [r for records in predictions.values() for r in records[iou_type]]
-            stats = coco_evaluate(gt, results, iou_type)
+        for iou_type, stats in self.metrics.compute().items():
             for key in METRIC_KEYS:
                 self.log(f"{split}/{iou_type}_{key}", float(stats[key]), prog_bar=key == "AP50", sync_dist=False)
