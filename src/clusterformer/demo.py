@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .registry import TASKS
+
 PRESETS = {
     # images per split, scene size, epochs per task
     "full": dict(num_train=1000, num_val=200, size=96, epochs=9, detection_epochs=5, set_epochs=5, semantic_epochs=3,
@@ -38,18 +40,13 @@ PRESETS = {
     "quick": dict(num_train=400, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
                   panoptic_epochs=3),
 }  # fmt: skip
-STAGES = 6
+# the tasks the demo trains, in order (registry.TASKS names them)
+DEMO_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # the stages in order: the folder each writes under OUT (its key in demo.json) and what it makes
-STAGE_NAMES = ("data", "classification", "detection", "instance", "semantic", "panoptic")
-STAGE_TITLES = {
-    "data": "the shapes dataset",
-    "classification": "classification",
-    "detection": "object detection",
-    "instance": "instance segmentation",
-    "semantic": "semantic segmentation",
-    "panoptic": "panoptic segmentation",
-}
-# the validation metrics printed (untrained -> trained) for each training stage
+STAGE_NAMES = ("data", *DEMO_TASKS)
+STAGES = len(STAGE_NAMES)
+STAGE_TITLES = {"data": "the shapes dataset", **{task: TASKS[task].title for task in DEMO_TASKS}}
+# the validation metrics printed (untrained -> trained) for each training stage (of the task's registry metrics)
 SHOWN = {
     "classification": ["val/top1"],
     "detection": ["val/bbox_AP50"],
@@ -70,7 +67,7 @@ def _trainer_kwargs(out: Path) -> dict:
 
 
 # what the demo writes into its folder: removed by --overwrite
-DEMO_ENTRIES = ("data", "classification", "detection", "instance", "semantic", "panoptic", "report", "demo.json")
+DEMO_ENTRIES = (*STAGE_NAMES, "report", "demo.json")
 
 
 def _stages(count: int) -> str:
@@ -527,7 +524,7 @@ def write_report(path: Path, metrics: dict) -> None:
         ),
         "",
     ]
-    for task in ("classification", "detection", "instance", "semantic", "panoptic"):
+    for task in DEMO_TASKS:
         for picture in (f"{task}_curve", f"{task}_predictions"):
             lines += [f"![{picture.replace('_', ' ')}]({picture}.png)", ""]
     path.write_text("\n".join(lines))
