@@ -613,6 +613,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
     from torchvision.ops import box_convert
 
     from .data import CATEGORIES
+    from .pictures import draw_mask
     from .tasks.sets import collate_sets
 
     dataset = data._dataset(train=False)
@@ -645,8 +646,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
             if scores is not None:
                 keep = [i for i in scores.argsort(descending=True)[:top].tolist() if scores[i] >= min_score]
             for i in keep if masks is not None else ():
-                mask = masks[i].numpy()
-                overlay[mask] = 0.45 * overlay[mask] + 0.55 * colours[int(labels[i])]
+                overlay = draw_mask(overlay, masks[i].numpy(), CATEGORIES[int(labels[i])]["color"], 0.55)
             ax.imshow(overlay)
             for i in keep:
                 label = names[int(labels[i])] + ("" if scores is None else f" {scores[i]:.2f}")
@@ -680,6 +680,7 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
     import numpy as np
     import torch
 
+    from .data.semantic import IGNORE_INDEX
     from .tasks.panoptic import collate_panoptic
     from .tasks.semantic import collate_semantic
 
@@ -707,7 +708,7 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
             gt_picture, picture = _colour_map(gt_classes, gt_ids), _colour_map(classes, ids)
         else:
             gt = target["semantic"].numpy().copy()
-            gt_picture, picture = _colour_map(np.where(gt == 255, -1, gt)), _colour_map(result.numpy())
+            gt_picture, picture = _colour_map(np.where(gt == IGNORE_INDEX, -1, gt)), _colour_map(result.numpy())
         for row, shown in enumerate((_denormalise(image[:, :h, :w]), gt_picture, picture)):
             axes[row, column].imshow(shown)
             axes[row, column].axis("off")

@@ -448,9 +448,9 @@ class SetWriter(Writer):
         keep.sort(key=lambda i: float(result["scores"][i]))  # the best drawn last, on top
         labels = [int(result["labels"][i]) for i in keep]
         if "masks" in result:
-            for i, label in zip(keep, labels, strict=True):
+            for i, label in zip(keep, labels, strict=True):  # one mask at a time, each with its outline
                 mask = pictures.enlarge(result["masks"][i].numpy(), factor)
-                canvas = pictures.blend(canvas, self.colours[label], 0.5, mask)
+                canvas = pictures.draw_mask(canvas, mask, self.colours[label], 0.5)
                 canvas[pictures.boundaries(mask) & mask] = self.colours[label]
         boxes = [(result["boxes"][i] * factor).tolist() for i in keep]
         texts = [f"{self._name(label)} {float(result['scores'][i]):.2f}" for i, label in zip(keep, labels, strict=True)]
