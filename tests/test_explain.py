@@ -14,7 +14,7 @@ from skimage import data as photographs
 
 from clusterformer.cli import main
 from clusterformer.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
-from test_predict import train_one_step
+from helpers import train_one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
