@@ -36,22 +36,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def save_after_one_step(module, data, path):
-    """Train ``module`` on ``data`` for one step on the CPU (the data module attached, so that the class names are
-    stored) and save the checkpoint at ``path``; returns ``path``."""
-    import warnings
-
-    import lightning as L
-
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=str(path.parent),
-    )  # fmt: skip
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, data)
-    trainer.save_checkpoint(path)
-    return path

@@ -1,6 +1,7 @@
 """The benchmark harness: compute counting, peer ratios and the command line."""
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -30,22 +31,55 @@ def test_tiny_gmacs_at_224():
     assert 5.0 < gmacs < 5.8  # documented in docs/benchmarks.md
 
 
+def check_summary(result: dict, raw: dict, batch: int) -> None:
+    """The summary of one model is what its raw measurements give: the median of the rounds' median seconds, the
+    fastest iteration, the largest peak."""
+    for mode in ("infer", "train"):
+        if not raw[mode]:
+            continue
+        median = statistics.median(statistics.median(run["seconds"]) for run in raw[mode])
+        fastest = min(min(run["seconds"]) for run in raw[mode])
+        assert result[f"{mode}_img_s"] == pytest.approx(batch / median)
+        assert result[f"{mode}_peak_mib"] == max(run["peak_mib"] for run in raw[mode])
+        if mode == "infer":
+            assert result["infer_best_img_s"] == pytest.approx(batch / fastest)
+
+
 def test_run_benchmark_reports_ratios_against_the_peer():
     report = run_benchmark(
-        models=("clusterformer_nano",),
+        models=("clusterformer_nano", "test_resnet"),
         batch=2,
         img_size=32,
         rounds=1,
         warmup=0,
-        iters=1,
+        iters=3,
         progress=False,
-        peers={"clusterformer_nano": "clusterformer_nano"},
+        peers={"clusterformer_nano": "test_resnet"},  # another model: not a ratio of 1 by construction
     )
-    (result,) = report["results"]
-    assert result["infer_img_s"] > 0 and result["train_img_s"] > 0
-    assert result["infer_vs_peer"] == 1.0 and result["train_vs_peer"] == 1.0
-    assert result["train_peak_mib"] >= 0
+    nano, peer = report["results"]
+    for result in (nano, peer):
+        check_summary(result, report["raw"][result["model"]], batch=2)
+        assert result["infer_img_s"] > 0 and result["train_img_s"] > 0
+    for key in ("infer", "infer_best", "train"):
+        assert nano[f"{key}_vs_peer"] == pytest.approx(nano[f"{key}_img_s"] / peer[f"{key}_img_s"]), key
+    assert peer["infer_vs_peer"] is None  # no peer named for it
     assert "clusterformer_nano" in markdown_table(report)
+
+
+def test_peak_memory_is_what_the_workload_allocates(monkeypatch):
+    """The peak is measured from the process's memory before the timed passes: a workload that allocates and
+    touches 64 MiB reports at least that much (the reported value is clamped at 0, so a check against 0 would say
+    nothing)."""
+    import numpy as np
+
+    from clusterformer import benchmark
+
+    def allocating(*args, **kwargs):
+        return lambda: np.ones(64 * 2**20, np.uint8).sum()
+
+    monkeypatch.setattr(benchmark, "workload", allocating)
+    measurement = benchmark._measure("x", "infer", 1, 32, warmup=0, iters=1, device="cpu", amp=False)
+    assert measurement.peak_mib >= 60 and len(measurement.seconds) == 1
 
 
 def test_cli_writes_json_and_markdown(tmp_path, capsys):
@@ -139,8 +173,8 @@ def test_dense_run_measures_inference_only_with_ratio_to_the_peer():
     )
     instance, detection = report["results"]
     for result in (instance, detection):
-        assert result["infer_best_img_s"] >= result["infer_img_s"] > 0 and result["infer_peak_mib"] >= 0
-        assert result["train_img_s"] is None and result["train_peak_mib"] is None
+        check_summary(result, report["raw"][result["model"]], batch=1)
+        assert result["infer_img_s"] > 0 and result["train_img_s"] is None and result["train_peak_mib"] is None
         assert report["raw"][result["model"]]["train"] == []
     assert instance["infer_vs_peer"] == pytest.approx(instance["infer_img_s"] / detection["infer_img_s"])
     assert instance["infer_best_vs_peer"] == pytest.approx(instance["infer_best_img_s"] / detection["infer_best_img_s"])

@@ -49,16 +49,6 @@ def trainer(tmp_path, **kwargs):
     )
 
 
-def test_cli_fit_with_the_demo_config(crops, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = main(
-        ["fit", "--config", str(ROOT / "configs/classification/clusterformer_nano_shapes.yaml"),
-         "--trainer.fast_dev_run=true", f"--data.init_args.root={crops}", "--data.init_args.num_workers=0",
-         "--data.init_args.batch_size=4"]
-    )  # fmt: skip
-    assert code == 0
-
-
 @pytest.mark.parametrize("name", ["clusterformer_tiny_imagenet", "clusterformer_small_imagenet"])
 def test_paper_configs_parse(name, crops, tmp_path, monkeypatch):
     """The ImageNet recipes are valid LightningCLI configs (checked with --print_config)."""

@@ -14,7 +14,7 @@ from skimage import data as photographs
 
 from clusterformer.cli import main
 from clusterformer.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
-from test_predict import train_one_step
+from helpers import train_one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -40,7 +40,9 @@ def test_every_stage_is_drawn_over_the_photograph_at_its_size(photos, tmp_path, 
         stats = record["statistics"]
         assert stats["clusters_used_per_head"] == record["used_per_head"]
         assert stats["clusters_used"] == pytest.approx(np.mean(record["used_per_head"]))
-        assert 1 / 100 <= stats["mean_max_assignment"] <= 1 and -1 <= stats["center_cosine"] <= 1
+        # a random EM clustering clusters (docs/architecture.md, "Does it cluster?"): assignments far from uniform
+        # (1/100; Algorithm 1's summed M-step gives that) and centers apart (the summed M-step's are parallel: 1)
+        assert stats["mean_max_assignment"] > 3 / 100 and stats["center_cosine"] < 0.5
         row = next(line for line in printed.splitlines() if line.startswith(record["name"]))
         assert f"{stats['mean_max_assignment']:.3f}" in row and f"{stats['center_cosine']:.3f}" in row
     assert [m["file"] for m in report["maps"]] == ["stage1.png", "stage2.png", "stage3.png", "stage4.png"]

@@ -19,7 +19,7 @@ from clusterformer.losses import (
     uncertainty_points,
 )
 from clusterformer.matching import HungarianMatcher
-from test_matching import corners, sigmoid, slow_point_sample
+from helpers import corners, sigmoid, slow_point_sample
 
 ALPHA, GAMMA = 0.25, 2.0
 WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}

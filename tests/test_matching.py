@@ -8,37 +8,13 @@ import pytest
 import torch
 
 from clusterformer.matching import HungarianMatcher
+from helpers import corners, sigmoid, slow_point_sample
 
 ALPHA, GAMMA = 0.25, 2.0
 WEIGHTS = dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, cost_mask=5.0, cost_dice=5.0)
 
 
 # ---------------------------------------------------------------- slow references (python floats)
-
-
-def sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
-def slow_point_sample(image: torch.Tensor, x: float, y: float) -> float:
-    """Bilinear interpolation of an ``(H, W)`` map at ``(x, y)`` in [0, 1] relative to the map: pixel ``i``
-    covers ``[i / W, (i + 1) / W)`` and its value sits at its center; beyond the outermost centers the
-    border pixel's value holds."""
-    height, width = image.shape
-    px = min(max(x * width - 0.5, 0.0), width - 1.0)
-    py = min(max(y * height - 0.5, 0.0), height - 1.0)
-    x0, y0 = math.floor(px), math.floor(py)
-    x1, y1 = min(x0 + 1, width - 1), min(y0 + 1, height - 1)
-    fx, fy = px - x0, py - y0
-    v = image.double()
-    top = (1 - fx) * v[y0, x0].item() + fx * v[y0, x1].item()
-    bottom = (1 - fx) * v[y1, x0].item() + fx * v[y1, x1].item()
-    return (1 - fy) * top + fy * bottom
-
-
-def corners(box) -> tuple[float, float, float, float]:
-    cx, cy, w, h = (float(v) for v in box)
-    return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
 
 
 def slow_giou(box_a, box_b) -> float:

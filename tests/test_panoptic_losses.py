@@ -16,7 +16,7 @@ from clusterformer.losses import (
     uncertainty_points,
 )
 from clusterformer.matching import HungarianMatcher
-from test_matching import sigmoid, slow_point_sample
+from helpers import sigmoid, slow_point_sample
 
 CLASSES, THINGS = 5, {0, 1, 2}  # classes 3 and 4 are stuff
 ALPHA = 0.75  # PQ-style positive weight

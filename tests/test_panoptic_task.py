@@ -106,16 +106,6 @@ def test_class_and_thing_mismatch_are_clear_errors(shapes, tmp_path):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(wrong_classes, small_data(shapes))
 
 
-def test_cli_fit_with_the_shapes_config(shapes, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = main(
-        ["fit", "--config", str(ROOT / "configs/panoptic/clusterformer_nano_shapes.yaml"),
-         "--trainer.fast_dev_run=true", f"--data.init_args.root={shapes}", "--data.init_args.num_workers=0",
-         "--data.init_args.batch_size=2", "--data.init_args.crop=64", "--data.init_args.test_shorter_side=64"]
-    )  # fmt: skip
-    assert code == 0
-
-
 @pytest.mark.parametrize("name", ["clusterformer_tiny_coco_panoptic", "clusterformer_small_coco_panoptic"])
 def test_paper_configs_parse(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

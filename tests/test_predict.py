@@ -5,7 +5,6 @@ import json
 import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,21 +18,9 @@ from clusterformer.metrics.panoptic import pq_compute, read_ids_png
 from clusterformer.metrics.semantic import evaluate_semantic
 from clusterformer.outputs import atomic_path
 from clusterformer.predict import image_ids, is_lightning_predict, output_names
-from clusterformer.tasks import (
-    ClassificationTask,
-    CocoData,
-    ImageFolderData,
-    PanopticData,
-    PanopticTask,
-    SemanticData,
-    SemanticTask,
-    SetTask,
-)
-from conftest import save_after_one_step
+from helpers import SIZE, train_one_step
 
 ROOT = Path(__file__).resolve().parents[1]
-DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)
-SIZE = 64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -42,36 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def shapes(shapes_dir):
     return shapes_dir(seed=4, num_train=8, num_val=5, size=SIZE)  # the semantic / panoptic tests' data
-
-
-def _task_and_data(task: str, root):
-    dense = dict(crop=SIZE, scale_range=(0.8, 1.2), test_shorter_side=SIZE, batch_size=4, num_workers=0)
-    if task == "classification":
-        data = ImageFolderData(str(root / "imagefolder"), img_size=32, eval_resize=32, batch_size=4, num_workers=0,
-                               randaugment=False)  # fmt: skip
-        return ClassificationTask("clusterformer_nano", num_classes=4, model_kwargs=dict(center_grid=4)), data
-    if task in ("detection", "instance"):
-        data = CocoData(str(root), "images/train", "annotations/instances_train.json", "images/val",
-                        "annotations/instances_val.json", masks=task == "instance", **dense)  # fmt: skip
-        loss = {"num_points": 64} if task == "instance" else None
-        return SetTask(task, "clusterformer_nano", num_classes=4, decoder=DECODER, loss=loss, warmup_steps=1), data
-    if task == "semantic":
-        data = SemanticData(str(root), "images/train", "semantic/train", "images/val", "semantic/val", num_classes=7,
-                            **dense)  # fmt: skip
-        decoder = {k: v for k, v in DECODER.items() if k != "num_queries"}
-        return SemanticTask("clusterformer_nano", num_classes=7, decoder=decoder, loss={"num_points": 64},
-                            warmup_steps=1), data  # fmt: skip
-    data = PanopticData(str(root), "images/train", "annotations/panoptic_train.json", "annotations/panoptic_train",
-                        "images/val", "annotations/panoptic_val.json", "annotations/panoptic_val", **dense)  # fmt: skip
-    return PanopticTask("clusterformer_nano", num_classes=7, num_things=4, decoder=DECODER, loss={"num_points": 64},
-                        warmup_steps=1), data  # fmt: skip
-
-
-def train_one_step(task: str, root, path):
-    """A checkpoint of ``task`` after one training step on the shapes data (with the data module attached, so
-    that the class names are stored)."""
-    L.seed_everything(0, verbose=False)
-    return save_after_one_step(*_task_and_data(task, root), path)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from clusterformer.cli import main
 from clusterformer.metrics.panoptic import read_ids_png
 from clusterformer.predict import NearestResize
 from clusterformer.tasks import CocoData, PanopticData, PanopticTask, SemanticData, SemanticTask, SetTask
-from conftest import save_after_one_step
+from helpers import save_after_one_step
 
 DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=1, num_heads=4, iterations=1, ffn_dim=64)
 SIZE = 64  # the model's input (test_shorter_side)

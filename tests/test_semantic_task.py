@@ -125,16 +125,6 @@ def test_class_count_mismatch_is_a_clear_error(shapes, tmp_path):
         trainer(tmp_path, max_epochs=1, limit_train_batches=1).fit(module, small_data(shapes))
 
 
-def test_cli_fit_with_the_shapes_config(shapes, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = main(
-        ["fit", "--config", str(ROOT / "configs/semantic/clusterformer_nano_shapes.yaml"),
-         "--trainer.fast_dev_run=true", f"--data.init_args.root={shapes}", "--data.init_args.num_workers=0",
-         "--data.init_args.batch_size=2", "--data.init_args.crop=64", "--data.init_args.test_shorter_side=64"]
-    )  # fmt: skip
-    assert code == 0
-
-
 @pytest.mark.parametrize("name", ["clusterformer_tiny_ade20k", "clusterformer_small_ade20k"])
 def test_paper_configs_parse(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -153,17 +153,6 @@ def test_unknown_task_is_refused():
         SetTask("segmentation", "clusterformer_nano", num_classes=4)
 
 
-@pytest.mark.parametrize("task", ["detection", "instance"])
-def test_cli_fit_with_the_shapes_config(task, shapes, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code = main(
-        ["fit", "--config", str(ROOT / f"configs/{task}/clusterformer_nano_shapes.yaml"), "--trainer.fast_dev_run=true",
-         f"--data.init_args.root={shapes}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=2",
-         "--data.init_args.crop=64", "--data.init_args.test_shorter_side=64"]
-    )  # fmt: skip
-    assert code == 0
-
-
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "configs").glob("*/clusterformer_*_coco.yaml")), ids=lambda p: p.parent.name + "/" + p.stem
 )

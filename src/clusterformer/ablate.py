@@ -29,6 +29,8 @@ import yaml
 from jsonargparse import Namespace
 from torch.overrides import TorchFunctionMode
 
+from .registry import TASKS
+
 # --- the tables ---------------------------------------------------------------------------------------
 
 Rows = list[tuple[str, dict | None]]
@@ -115,7 +117,7 @@ LAYOUTS = {
     ),
 }
 
-# the logged validation metric behind each reported key
+# the logged validation metric behind each reported key (one of the task's ``registry.TASKS[task].metrics``)
 METRICS = {
     "classification": {"top1": "val/top1", "top5": "val/top5"},
     "instance": {"mAP": "val/segm_AP", "AP50": "val/segm_AP50", "AP75": "val/segm_AP75"},
@@ -167,24 +169,26 @@ def redirect_outputs(trainer_config, row_dir: Path) -> None:
 
 
 def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> None:
-    """Merge a row's overrides into the task's constructor options (in place)."""
+    """Merge a row's overrides into the task's constructor options (in place): the encoder's options of the
+    classifier (6a-6e) or the decoder's of the instance model (6f)."""
     init_args = model_config.init_args
     class_path = model_config.class_path
+    spec = TASKS[task]
     if task == "classification":
-        if "model_kwargs" not in init_args:
+        key = spec.encoder_options
+        if key not in init_args:
             raise ValueError(
                 f"{config_path}: this table ablates the image classifier (top-1 / top-5 on ImageNet in the paper); "
-                f"the config's model must be clusterformer.tasks.ClassificationTask, got {class_path}"
+                f"the config's model must be {spec.module}, got {class_path}"
             )
-        key = "model_kwargs"
     else:
-        if "decoder" not in init_args or init_args.get("task") != "instance":
+        key = "decoder"
+        if key not in init_args or init_args.get("task") != task:
             raise ValueError(
                 f"{config_path}: table 6f ablates instance segmentation (mask AP on COCO in the paper); the config's "
-                f"model must be clusterformer.tasks.SetTask with task: instance, got {class_path}"
+                f"model must be {spec.module} with task: {task}, got {class_path}"
                 + (f" with task: {init_args.get('task')}" if "task" in init_args else "")
             )
-        key = "decoder"
     current = init_args.get(key)
     if isinstance(current, Namespace):  # a typed option (SetTask's DecoderSettings), parsed field by field
         for name, value in overrides.items():

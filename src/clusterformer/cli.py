@@ -551,17 +551,16 @@ def refuse_changed_settings(requested: dict, path: Path) -> None:
 
 
 def task_of(model_class, task: str | None = None) -> str | None:
-    """The task (one of ``weights.TASKS``) that a LightningModule class trains, ``task`` being a ``SetTask``'s
-    ``detection`` or ``instance``; ``None`` for a class that is none of the package's tasks."""
-    from .tasks import ClassificationTask, PanopticTask, SemanticTask, SetTask
+    """The task (one of ``registry.TASKS``) that a LightningModule class trains, ``task`` being its ``task``
+    argument where its class serves several tasks (``SetTask``: ``detection`` or ``instance``); ``None`` for a class
+    that is none of the package's tasks."""
+    from .registry import TASKS
 
     if not isinstance(model_class, type):
         return None
-    if issubclass(model_class, SetTask):
-        return task or "detection"
-    for cls, name in ((ClassificationTask, "classification"), (SemanticTask, "semantic"), (PanopticTask, "panoptic")):
-        if issubclass(model_class, cls):
-            return name
+    for spec in TASKS.values():
+        if issubclass(model_class, spec.module_class):
+            return spec.resolve(task)
     return None
 
 

@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .registry import TASKS
+
 PRESETS = {
     # images per split, scene size, epochs per task
     "full": dict(num_train=1000, num_val=200, size=96, epochs=9, detection_epochs=5, set_epochs=5, semantic_epochs=3,
@@ -38,18 +40,13 @@ PRESETS = {
     "quick": dict(num_train=400, num_val=80, size=96, epochs=6, detection_epochs=3, set_epochs=4, semantic_epochs=3,
                   panoptic_epochs=3),
 }  # fmt: skip
-STAGES = 6
+# the tasks the demo trains, in order (registry.TASKS names them)
+DEMO_TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
 # the stages in order: the folder each writes under OUT (its key in demo.json) and what it makes
-STAGE_NAMES = ("data", "classification", "detection", "instance", "semantic", "panoptic")
-STAGE_TITLES = {
-    "data": "the shapes dataset",
-    "classification": "classification",
-    "detection": "object detection",
-    "instance": "instance segmentation",
-    "semantic": "semantic segmentation",
-    "panoptic": "panoptic segmentation",
-}
-# the validation metrics printed (untrained -> trained) for each training stage
+STAGE_NAMES = ("data", *DEMO_TASKS)
+STAGES = len(STAGE_NAMES)
+STAGE_TITLES = {"data": "the shapes dataset", **{task: TASKS[task].title for task in DEMO_TASKS}}
+# the validation metrics printed (untrained -> trained) for each training stage (of the task's registry metrics)
 SHOWN = {
     "classification": ["val/top1"],
     "detection": ["val/bbox_AP50"],
@@ -70,7 +67,7 @@ def _trainer_kwargs(out: Path) -> dict:
 
 
 # what the demo writes into its folder: removed by --overwrite
-DEMO_ENTRIES = ("data", "classification", "detection", "instance", "semantic", "panoptic", "report", "demo.json")
+DEMO_ENTRIES = (*STAGE_NAMES, "report", "demo.json")
 
 
 def _stages(count: int) -> str:
@@ -531,7 +528,7 @@ def write_report(path: Path, metrics: dict) -> None:
         ),
         "",
     ]
-    for task in ("classification", "detection", "instance", "semantic", "panoptic"):
+    for task in DEMO_TASKS:
         for picture in (f"{task}_curve", f"{task}_predictions"):
             lines += [f"![{picture.replace('_', ' ')}]({picture}.png)", ""]
     path.write_text("\n".join(lines))
@@ -620,6 +617,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
     from torchvision.ops import box_convert
 
     from .data import CATEGORIES
+    from .pictures import draw_mask
     from .tasks.sets import collate_sets
 
     dataset = data._dataset(train=False)
@@ -652,8 +650,7 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
             if scores is not None:
                 keep = [i for i in scores.argsort(descending=True)[:top].tolist() if scores[i] >= min_score]
             for i in keep if masks is not None else ():
-                mask = masks[i].numpy()
-                overlay[mask] = 0.45 * overlay[mask] + 0.55 * colours[int(labels[i])]
+                overlay = draw_mask(overlay, masks[i].numpy(), CATEGORIES[int(labels[i])]["color"], 0.55)
             ax.imshow(overlay)
             for i in keep:
                 label = names[int(labels[i])] + ("" if scores is None else f" {scores[i]:.2f}")
@@ -687,6 +684,7 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
     import numpy as np
     import torch
 
+    from .data.semantic import IGNORE_INDEX
     from .tasks.panoptic import collate_panoptic
     from .tasks.semantic import collate_semantic
 
@@ -714,7 +712,7 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
             gt_picture, picture = _colour_map(gt_classes, gt_ids), _colour_map(classes, ids)
         else:
             gt = target["semantic"].numpy().copy()
-            gt_picture, picture = _colour_map(np.where(gt == 255, -1, gt)), _colour_map(result.numpy())
+            gt_picture, picture = _colour_map(np.where(gt == IGNORE_INDEX, -1, gt)), _colour_map(result.numpy())
         for row, shown in enumerate((_denormalise(image[:, :h, :w]), gt_picture, picture)):
             axes[row, column].imshow(shown)
             axes[row, column].axis("off")

@@ -68,9 +68,10 @@ def _check_backbone(backbone, what: str) -> None:
 def model_from_checkpoint(path: str | Path) -> ExplainModel:
     """The encoder (and dense model) of a task checkpoint of any task."""
     from .predict import load_task_model
+    from .registry import TASKS
 
     model = load_task_model(None, path)
-    if model.task == "classification":
+    if not TASKS[model.task].dense:
         backbone, dense = model.module.model, None
         size = model.data.get("eval_resize") or model.data.get("img_size")
     else:

@@ -1,7 +1,9 @@
 """Drawing predictions and cluster maps on images: colours, label maps with boundaries, boxes, text, legends.
 
 Shared by ``clusterformer predict`` (overlays), ``clusterformer explain`` (cluster maps) and the demo's report.
-Pictures are ``(H, W, 3)`` uint8 arrays or PIL images; nothing here runs a model.
+Pictures are ``(H, W, 3)`` uint8 arrays or PIL images; nothing here runs a model. Boxes and single masks are drawn
+by torchvision (``draw_bounding_boxes``, ``draw_segmentation_masks``); label and cluster maps, which colour every
+pixel by its class, are blended here (:func:`blend`), without one full-size mask per class.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 GOLDEN = 0.618033988749895
@@ -67,6 +70,17 @@ def blend(image: np.ndarray, colours: np.ndarray, alpha: float, where: np.ndarra
     return out
 
 
+def draw_mask(picture: np.ndarray, mask, colour: Sequence[int], alpha: float) -> np.ndarray:
+    """``picture`` (``(H, W, 3)``, uint8, or float in [0, 1]) with the bool ``(H, W)`` ``mask`` blended in
+    ``colour`` (RGB, 0-255) at opacity ``alpha``: torchvision's ``draw_segmentation_masks``. A new array."""
+    from torchvision.utils import draw_segmentation_masks
+
+    image = torch.from_numpy(np.ascontiguousarray(picture)).permute(2, 0, 1)
+    mask = torch.as_tensor(np.asarray(mask), dtype=torch.bool)[None]
+    drawn = draw_segmentation_masks(image, mask, alpha=alpha, colors=tuple(int(c) for c in colour))
+    return np.ascontiguousarray(drawn.permute(1, 2, 0).numpy())
+
+
 def display_factor(height: int, width: int, min_side: int = 512) -> int:
     """Integer enlargement that brings the longer side of a small image to at least ``min_side`` pixels,
     so that text drawn on it stays readable (1 for images that are large enough)."""
@@ -109,12 +123,19 @@ def draw_label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, fi
 def draw_boxes(
     picture: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[str], colours: Sequence[Sequence[int]]
 ) -> Image.Image:
-    """Rectangles (``xyxy`` pixels of ``picture``) with a label on each; returns ``picture``, drawn in place."""
-    draw = ImageDraw.Draw(picture)
+    """Rectangles (``xyxy`` pixels of ``picture``; torchvision's ``draw_bounding_boxes``), each with its label on a
+    box of its colour above it, kept inside the picture; returns the picture drawn."""
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import draw_bounding_boxes
+
     text_font = font(font_size(picture.height, picture.width))
     line = max(1, round(min(picture.size) / 250))
-    for (x0, y0, x1, y1), colour in zip(boxes, colours, strict=True):
-        draw.rectangle((x0, y0, x1, y1), outline=tuple(int(c) for c in colour), width=line)
+    if len(boxes):
+        xyxy = torch.tensor([[float(v) for v in box] for box in boxes]).reshape(-1, 4)
+        xyxy = torch.cat([xyxy[:, :2].minimum(xyxy[:, 2:]), xyxy[:, :2].maximum(xyxy[:, 2:])], 1)  # corners in order
+        colors = [tuple(int(c) for c in colour) for colour in colours]
+        picture = to_pil_image(draw_bounding_boxes(pil_to_tensor(picture), xyxy, colors=colors, width=line))
+    draw = ImageDraw.Draw(picture)
     for (x0, y0, _, _), text, colour in zip(boxes, labels, colours, strict=True):  # text above every box
         draw_label(draw, (x0, y0), text, colour, text_font)
     return picture

@@ -14,8 +14,11 @@ on image files and write a picture of every prediction and the standard result f
 * panoptic: ``panoptic.json`` and ``panoptic/<name>.png``, the COCO panoptic format.
 
 A non-empty ``OUT`` is refused unless ``overwrite`` (``--overwrite``), which first deletes the previous results
-(:data:`OUTPUTS`, whatever the task that wrote them), so that no overlay of an earlier run stays beside the new
+(:func:`all_outputs`, whatever the task that wrote them), so that no overlay of an earlier run stays beside the new
 results; other files are kept. Details and decisions: ``docs/predict_explain.md``.
+
+Each task has its :class:`Writer` (``registry.TASKS[task].writer``): it writes the task's files and draws its
+overlays, and says where a dense result is computed and how it is brought to the image's size.
 """
 
 from __future__ import annotations
@@ -34,13 +37,12 @@ from PIL import Image
 from . import pictures
 from .data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb
 from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
+from .registry import TASKS as TASK_SPECS
 
-TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+TASKS = tuple(TASK_SPECS)  # the task names
 DEFAULT_SCORE_THRESHOLD = 0.5  # detection / instance overlays
 MAX_OVERLAY_SIDE = 2048  # overlays of larger images are drawn on the image scaled down to this longer side
-# what predict writes into its folder, for every task: the previous results that --overwrite deletes
-OUTPUTS = ("overlays", "labels", "panoptic", "predictions.json", "results.json", "images.json", "panoptic.json",
-           "summary.json")  # fmt: skip
+COMMON_OUTPUTS = ("overlays", "summary.json")  # what predict writes for every task
 
 
 class PredictError(ValueError):
@@ -173,7 +175,7 @@ def eval_transform(model: TaskModel, size: int | None = None):
     shorter side): classification resize + centre crop; dense tasks resize of the shorter side."""
     from .data import transforms
 
-    if model.task == "classification":
+    if not TASK_SPECS[model.task].dense:
         cfg = getattr(getattr(model.module, "model", None), "pretrained_cfg", None) or {}
         crop = size or model.data.get("img_size") or cfg.get("input_size", (3, 224, 224))[-1]
         resize = None if size else model.data.get("eval_resize")
@@ -189,28 +191,30 @@ def predict_images(model: TaskModel, images: Sequence[Image.Image], transform, d
     top ``top_k``; otherwise what the task's ``predict_batch`` returns (``heads.postprocess``).
 
     The dense tasks' post-processing runs at the model's input size when the image is larger (the test transform
-    shrank it; :func:`working_size`), and the result is enlarged to the image's size by nearest neighbour
-    (:func:`to_image_size`): no query's mask is ever resized to a large image. Images no larger than the model's
-    input get exactly what they got before."""
+    shrank it; :func:`working_size`), and the result is enlarged to the image's size by nearest neighbour (the
+    task writer's ``to_image_size``): no query's mask is ever resized to a large image. Images no larger than the
+    model's input get exactly what they got before."""
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
 
     from .tasks.sets import pad_batch
 
-    if model.task == "classification":
+    spec = TASK_SPECS[model.task]
+    if not spec.dense:
         batch = torch.stack([transform(image) for image in images]).to(device)
         probs = model.module(batch).float().softmax(-1).cpu()
         scores, labels = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
         return [{"scores": s, "labels": label} for s, label in zip(scores, labels, strict=True)]
     tensors = [transform(tv_tensors.Image(pil_to_tensor(image))) for image in images]
     sizes = [(image.height, image.width) for image in images]
+    writer = spec.writer_class
     targets = [
-        {"size": tuple(t.shape[-2:]), "orig_size": size if model.task == "detection" else working_size(t, size)}
+        {"size": tuple(t.shape[-2:]), "orig_size": writer.result_size(model, t, size)}
         for t, size in zip(tensors, sizes, strict=True)
-    ]  # detection only scales boxes: its results are at the image's size
-    results = model.module.predict_batch(pad_batch(tensors).to(device), targets)
+    ]
+    results = [_to_cpu(result) for result in model.module.predict_batch(pad_batch(tensors).to(device), targets)]
     return [
-        to_image_size(model.task, _to_cpu(result), target["orig_size"], size)
+        result if tuple(target["orig_size"]) == size else writer.to_image_size(result, target["orig_size"], size)
         for result, target, size in zip(results, targets, sizes, strict=True)
     ]
 
@@ -286,28 +290,6 @@ class ResizedMasks:
         return ResizedMasks(self.masks, NearestResize(self.masks.shape[-2:], size))
 
 
-def to_image_size(task: str, result, size: tuple[int, int], image_size: tuple[int, int]):
-    """A dense ``result`` computed at ``size`` (:func:`working_size`), at ``image_size``: semantic labels and
-    panoptic ids enlarged by nearest neighbour (the segments' areas counted at the image's size), instance masks
-    as :class:`ResizedMasks` with their exact boxes, box-head boxes scaled."""
-    if tuple(size) == tuple(image_size) or task in ("classification", "detection"):
-        return result
-    resize = NearestResize(size, image_size)
-    if task == "semantic":
-        return resize(result)
-    if task == "panoptic":
-        ids = result["ids"]
-        areas = resize.areas(ids, int(ids.max()) + 1).tolist()
-        segments = [{**segment, "area": int(areas[segment["id"]])} for segment in result["segments_info"]]
-        return {"ids": resize(ids), "segments_info": segments}
-    result = {**result, "boxes": resize.boxes(result["masks"]), "masks": ResizedMasks(result["masks"], resize)}
-    if "box_results" in result:
-        (h, w), (height, width) = size, image_size
-        scale = torch.tensor([width / w, height / h, width / w, height / h])
-        result["box_results"] = {**result["box_results"], "boxes": result["box_results"]["boxes"] * scale}
-    return result
-
-
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
         return value.cpu()
@@ -327,7 +309,24 @@ class Item:
 
 
 class Writer:
-    """Writes one image's outputs as it comes (``add``) and the files over all images at the end (``finish``)."""
+    """Writes one image's outputs as it comes (``add``) and the files over all images at the end (``finish``).
+
+    ``outputs``: the files and folders it writes into the output folder besides ``overlays/`` and ``summary.json``
+    (what ``--overwrite`` deletes). A dense task's writer also says where the post-processing runs
+    (:meth:`result_size`) and brings its result from there to the image's size (:meth:`to_image_size`)."""
+
+    outputs: tuple[str, ...] = ()
+
+    @classmethod
+    def result_size(cls, model: TaskModel, tensor: torch.Tensor, image_size: tuple[int, int]) -> tuple[int, int]:
+        """The size at which the dense result of an image of ``image_size`` (``tensor``: the model's input) is
+        computed: :func:`working_size`."""
+        return working_size(tensor, image_size)
+
+    @classmethod
+    def to_image_size(cls, result, size: tuple[int, int], image_size: tuple[int, int]):
+        """A dense ``result`` computed at ``size`` at the larger ``image_size``."""
+        return result
 
     def __init__(self, out: Path, model: TaskModel, score_threshold: float | None):
         self.out = out
@@ -366,6 +365,8 @@ class Writer:
 
 
 class ClassificationWriter(Writer):
+    outputs = ("predictions.json",)
+
     def __init__(self, *args):
         super().__init__(*args)
         self.records = []
@@ -392,6 +393,26 @@ class ClassificationWriter(Writer):
 
 class SetWriter(Writer):
     """Detection and instance segmentation: COCO results; boxes (and masks) above the score threshold drawn."""
+
+    outputs = ("results.json", "images.json")
+
+    @classmethod
+    def result_size(cls, model, tensor, image_size):
+        """Detection only scales its boxes: its results are at the image's size."""
+        return tuple(image_size) if model.task == "detection" else working_size(tensor, image_size)
+
+    @classmethod
+    def to_image_size(cls, result, size, image_size):
+        """Instance masks as :class:`ResizedMasks` with their exact boxes; the box head's boxes scaled."""
+        if "masks" not in result:
+            return result
+        resize = NearestResize(size, image_size)
+        result = {**result, "boxes": resize.boxes(result["masks"]), "masks": ResizedMasks(result["masks"], resize)}
+        if "box_results" in result:
+            (h, w), (height, width) = size, image_size
+            scale = torch.tensor([width / w, height / h, width / w, height / h])
+            result["box_results"] = {**result["box_results"], "boxes": result["box_results"]["boxes"] * scale}
+        return result
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -427,9 +448,9 @@ class SetWriter(Writer):
         keep.sort(key=lambda i: float(result["scores"][i]))  # the best drawn last, on top
         labels = [int(result["labels"][i]) for i in keep]
         if "masks" in result:
-            for i, label in zip(keep, labels, strict=True):
+            for i, label in zip(keep, labels, strict=True):  # one mask at a time, each with its outline
                 mask = pictures.enlarge(result["masks"][i].numpy(), factor)
-                canvas = pictures.blend(canvas, self.colours[label], 0.5, mask)
+                canvas = pictures.draw_mask(canvas, mask, self.colours[label], 0.5)
                 canvas[pictures.boundaries(mask) & mask] = self.colours[label]
         boxes = [(result["boxes"][i] * factor).tolist() for i in keep]
         texts = [f"{self._name(label)} {float(result['scores'][i]):.2f}" for i, label in zip(keep, labels, strict=True)]
@@ -447,6 +468,13 @@ class SetWriter(Writer):
 class SemanticWriter(Writer):
     """Label PNGs: class ``c`` is written as ``c + 1`` (0 = unlabelled) when the checkpoint's data reduces the
     zero label (ADE20K, the default), as ``c`` otherwise; 16-bit PNGs when the values exceed 255."""
+
+    outputs = ("labels",)
+
+    @classmethod
+    def to_image_size(cls, result, size, image_size):
+        """The label map enlarged by nearest neighbour."""
+        return NearestResize(size, image_size)(result)
 
     def add(self, item, image, result):
         super().add(item, image, result)
@@ -473,10 +501,24 @@ class SemanticWriter(Writer):
 
 
 class PanopticWriter(Writer):
-    """COCO panoptic PNGs (id = R + 256 G + 256^2 B, 0 = void) and one JSON for all images."""
+    """COCO panoptic PNGs (id = R + 256 G + 256^2 B, 0 = void) and one JSON for all images. A score threshold given
+    to ``predict`` is the mask-wise merging's."""
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    outputs = ("panoptic", "panoptic.json")
+
+    @classmethod
+    def to_image_size(cls, result, size, image_size):
+        """The id map enlarged by nearest neighbour, the segments' areas counted at the image's size."""
+        resize = NearestResize(size, image_size)
+        ids = result["ids"]
+        areas = resize.areas(ids, int(ids.max()) + 1).tolist()
+        segments = [{**segment, "area": int(areas[segment["id"]])} for segment in result["segments_info"]]
+        return {"ids": resize(ids), "segments_info": segments}
+
+    def __init__(self, out, model, score_threshold):
+        super().__init__(out, model, score_threshold)
+        if score_threshold is not None:  # the mask-wise merging's threshold
+            model.module.hparams.score_threshold = score_threshold
         self.annotations = []
 
     def add(self, item, image, result):
@@ -533,8 +575,10 @@ class PanopticWriter(Writer):
         )  # fmt: skip
 
 
-WRITERS = {"classification": ClassificationWriter, "detection": SetWriter, "instance": SetWriter,
-           "semantic": SemanticWriter, "panoptic": PanopticWriter}  # fmt: skip
+def all_outputs() -> tuple[str, ...]:
+    """What ``predict`` writes into its folder, for every task: the previous results that ``--overwrite`` deletes."""
+    writers = [spec.writer_class for spec in TASK_SPECS.values()]
+    return tuple(dict.fromkeys([*COMMON_OUTPUTS, *(name for writer in writers for name in writer.outputs)]))
 
 
 # --- the command ------------------------------------------------------------------------------------------------
@@ -574,12 +618,10 @@ def run_predict(
         model.module.to(device)
     except (RuntimeError, AssertionError) as error:
         raise PredictError(f"device {device!r} cannot be used: {error}") from None
-    if task == "panoptic" and score_threshold is not None:  # the mask-wise merging's threshold
-        model.module.hparams.score_threshold = score_threshold
     transform = eval_transform(model, size)
-    remove_outputs(out, OUTPUTS)  # only with overwrite can the folder hold anything
+    remove_outputs(out, all_outputs())  # only with overwrite can the folder hold anything
     out.mkdir(parents=True, exist_ok=True)
-    writer = WRITERS[task](out, model, score_threshold)
+    writer = TASK_SPECS[task].writer_class(out, model, score_threshold)
     items = [Item(p, n, i) for p, n, i in zip(paths, output_names(paths), ids, strict=True)]
     images, skipped = [], []
     bar = tqdm(total=len(items), unit="img", desc=f"predict {task}", disable=not progress or len(items) < 2)

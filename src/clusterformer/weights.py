@@ -35,8 +35,10 @@ import torch
 from torch import nn
 
 from .outputs import atomic_path, check_output_file, json_safe
+from .registry import TASKS as TASK_SPECS
+from .registry import task_of_class_name
 
-TASKS = ("classification", "detection", "instance", "semantic", "panoptic")
+TASKS = tuple(TASK_SPECS)  # the task names
 TASK_KEY = "clusterformer_task"  # written by every task's on_save_checkpoint
 WEIGHTS_FORMAT = "clusterformer-weights"
 WEIGHTS_VERSION = 1
@@ -92,13 +94,9 @@ def _reason(error: Exception) -> str:
 # --- tasks --------------------------------------------------------------------------------------------------------
 def task_class(task: str) -> type:
     """The LightningModule class of ``task`` (one of :data:`TASKS`)."""
-    from .tasks import ClassificationTask, PanopticTask, SemanticTask, SetTask
-
-    classes = {"classification": ClassificationTask, "detection": SetTask, "instance": SetTask,
-               "semantic": SemanticTask, "panoptic": PanopticTask}  # fmt: skip
-    if task not in classes:
+    if task not in TASK_SPECS:
         raise CheckpointError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    return classes[task]
+    return TASK_SPECS[task].module_class
 
 
 def checkpoint_task(checkpoint: dict, path: str | Path = "checkpoint") -> str:
@@ -111,11 +109,8 @@ def checkpoint_task(checkpoint: dict, path: str | Path = "checkpoint") -> str:
     task = checkpoint.get(TASK_KEY)
     if task is None:
         class_name = str(hparams.get("_class_path", "")).rsplit(".", 1)[-1]
-        by_class = {"ClassificationTask": "classification", "SemanticTask": "semantic", "PanopticTask": "panoptic"}
-        if class_name == "SetTask":
-            task = hparams.get("task", "detection")
-        elif class_name:
-            task = by_class.get(class_name, class_name)
+        if class_name:
+            task = task_of_class_name(class_name, hparams.get("task")) or class_name
         else:
             task = _task_from_hparams(hparams)
     if task not in TASKS:
@@ -124,14 +119,14 @@ def checkpoint_task(checkpoint: dict, path: str | Path = "checkpoint") -> str:
 
 
 def _task_from_hparams(hparams: dict) -> str | None:
-    """The task whose constructor takes every one of ``hparams`` and the argument only it has (checkpoints
-    written before tasks recorded ``clusterformer_task``)."""
+    """The task whose constructor takes every one of ``hparams`` and the argument only it takes (its
+    ``signature_key``; tasks without one are tried last), for checkpoints written before tasks recorded
+    ``clusterformer_task``."""
     keys = {k for k in hparams if not str(k).startswith("_")}
-    for task, marker in (("classification", "model"), ("detection", "task"), ("panoptic", "num_things"),
-                         ("semantic", None)):  # fmt: skip
-        accepted = set(inspect.signature(task_class(task).__init__).parameters)
-        if keys <= accepted and (marker is None or marker in keys):
-            return hparams["task"] if task == "detection" else task
+    for spec in sorted(TASK_SPECS.values(), key=lambda spec: spec.signature_key is None):
+        accepted = set(inspect.signature(spec.module_class.__init__).parameters)
+        if keys <= accepted and (spec.signature_key is None or spec.signature_key in keys):
+            return spec.resolve(hparams.get("task"))
     return None
 
 
@@ -188,10 +183,11 @@ def token_head_settings(task: str, hparams: dict, state: dict) -> dict:
     state has a classifier (``head.weight``) but no ``head_norm``, so it is rebuilt with ``head="tokens"``, unless
     its settings name a head. The keys may carry the task's ``model.`` prefix (a Lightning checkpoint)."""
     keys = {key.removeprefix("model.") for key in state}
-    if task != "classification" or "head.weight" not in keys or "head_norm.weight" in keys:
+    spec = TASK_SPECS[task]
+    if spec.dense or "head.weight" not in keys or "head_norm.weight" in keys:
         return hparams
     hparams = dict(hparams)
-    hparams["model_kwargs"] = {"head": "tokens", **(hparams.get("model_kwargs") or {})}
+    hparams[spec.encoder_options] = {"head": "tokens", **(hparams.get(spec.encoder_options) or {})}
     return hparams
 
 
@@ -204,10 +200,9 @@ def literal_m_step_settings(task: str, hparams: dict, state: dict) -> dict:
     if not projections or any(k.endswith("clustering.q_norm.weight") for k in state):
         return hparams
     hparams = dict(hparams)
-    if task == "classification":
-        hparams["model_kwargs"] = {"m_step": "sum", **(hparams.get("model_kwargs") or {})}
-    else:
-        hparams["backbone_kwargs"] = {"m_step": "sum", **(hparams.get("backbone_kwargs") or {})}
+    spec = TASK_SPECS[task]
+    hparams[spec.encoder_options] = {"m_step": "sum", **(hparams.get(spec.encoder_options) or {})}
+    if spec.dense:
         hparams["decoder"] = {"m_step": "sum", **(hparams.get("decoder") or {})}
     return hparams
 
@@ -236,12 +231,9 @@ def convert_checkpoint(
     task, module = task_from_checkpoint(ckpt)
     hparams = dict(module.hparams)
     model = module.model
-    if task == "classification":
-        name = hparams["model"]
-        encoder = model
-    else:
-        name = hparams["backbone"]
-        encoder = model.backbone
+    spec = TASK_SPECS[task]
+    name = hparams[spec.model_key]
+    encoder = model.backbone if spec.dense else model
     if backbone_only:
         from .backbone import CLASSIFIER_KEYS
 
@@ -319,9 +311,9 @@ def load_weights(path: str | Path) -> nn.Module:
     description, weights = read_description(path)
     state = _read_safetensors(weights)
     hparams = older_weights_settings(description["task"], description.get("hyper_parameters") or {}, state)
-    if description["task"] == "classification" or description.get("backbone_only"):
-        key = "model_kwargs" if description["task"] == "classification" else "backbone_kwargs"
-        options = rebuild_kwargs(hparams).get(key) or {}
+    spec = TASK_SPECS[description["task"]]
+    if not spec.dense or description.get("backbone_only"):
+        options = rebuild_kwargs(hparams).get(spec.encoder_options) or {}
         try:
             model = timm.create_model(description["model"], num_classes=description["num_classes"], **options)
         except (RuntimeError, ValueError, TypeError) as error:

@@ -35,32 +35,61 @@ def load_json(path: Path):
 
 
 def read_coco(path: str | Path) -> dict:
-    """Load and check a COCO JSON file: valid JSON, the three lists, their required keys, known image
-    and category ids."""
+    """Load and check a COCO JSON file: valid JSON and :func:`check_coco`."""
     path = Path(path)
-    data = load_json(path)
+    return check_coco(load_json(path), str(path))
+
+
+def check_coco(data, name: str) -> dict:
+    """``data`` (a COCO JSON's content, called ``name`` in the errors), checked: the three lists, their required
+    keys, a category at least, and annotations of known images and categories. The one check of a COCO file, for
+    the reader (:func:`read_coco`) and the metrics (:func:`coco_ground_truth`)."""
     if not isinstance(data, dict):
-        raise AnnotationError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
+        raise AnnotationError(f"{name}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key, fields in REQUIRED.items():
         if not isinstance(data.get(key), list):
-            raise AnnotationError(f"{path}: missing the list '{key}'")
+            raise AnnotationError(f"{name}: missing the list '{key}'")
         for entry in data[key]:
             missing = [f for f in fields if f not in entry]
             if missing:
-                raise AnnotationError(f"{path}: an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
+                raise AnnotationError(f"{name}: an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
     if not data["categories"]:
-        raise AnnotationError(f"{path}: the categories list is empty")
+        raise AnnotationError(f"{name}: the categories list is empty")
     images = {image["id"] for image in data["images"]}
     categories = {c["id"] for c in data["categories"]}
     for ann in data["annotations"]:
         if ann["category_id"] not in categories:
             raise AnnotationError(
-                f"{path}: annotation {ann['id']} has category_id {ann['category_id']}, "
+                f"{name}: annotation {ann['id']} has category_id {ann['category_id']}, "
                 f"which is not in the categories list {sorted(categories)}"
             )
         if ann["image_id"] not in images:
-            raise AnnotationError(f"{path}: annotation {ann['id']} refers to image_id {ann['image_id']}, not in images")
+            raise AnnotationError(f"{name}: annotation {ann['id']} refers to image_id {ann['image_id']}, not in images")
     return data
+
+
+def coco_ground_truth(gt: str | Path | dict) -> tuple[str, dict]:
+    """``(name, data)`` of a COCO ground truth given as a file (read by :func:`read_coco`) or as its content (a
+    dict, called ``ground truth (dict)`` in the errors; :func:`check_coco`)."""
+    if isinstance(gt, dict):
+        name = "ground truth (dict)"
+        return name, check_coco(gt, name)
+    return str(gt), read_coco(gt)
+
+
+def check_evaluation_fields(name: str, data: dict, iou_type: str) -> None:
+    """The fields that COCO evaluation (pycocotools' ``COCOeval``) reads beyond those :func:`check_coco` requires:
+    ``area`` and ``iscrowd`` of every annotation, and for ``iou_type="segm"`` its ``segmentation`` and the images'
+    ``height`` and ``width``."""
+    needed = ("area", "iscrowd", "segmentation") if iou_type == "segm" else ("area", "iscrowd")
+    for ann in data["annotations"]:
+        missing = [f for f in needed if f not in ann]
+        if missing:
+            raise AnnotationError(f"{name}: annotation {ann['id']} lacks {missing}, needed for '{iou_type}' evaluation")
+    if iou_type == "segm":
+        for image in data["images"]:
+            if "height" not in image or "width" not in image:
+                raise AnnotationError(f"{name}: image {image['id']} lacks 'height'/'width', needed for masks")
 
 
 class CocoInstances(torch.utils.data.Dataset):

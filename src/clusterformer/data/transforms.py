@@ -110,7 +110,7 @@ def dense_train(
     """Detection / segmentation training recipe (§4.1): scale jitter of the ``crop x crop`` canvas by
     ``scale_range`` (COCO [0.1, 2.0], ADE20K [0.5, 2.0]), a random ``crop`` (padded when smaller),
     a horizontal flip. Boxes that leave the crop are removed with their masks and labels. Padding of
-    masks uses ``mask_fill`` (use 255, the ignore label, for semantic maps); ``boxes=False`` for
+    masks uses ``mask_fill`` (``data.semantic.IGNORE_INDEX`` for semantic maps); ``boxes=False`` for
     samples without boxes (semantic segmentation)."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: mask_fill, "others": 0}
     steps = [

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torchvision.ops import box_convert
 
-from ..data.coco import REQUIRED, AnnotationError, read_coco
+from ..data.coco import check_evaluation_fields as _check_ground_truth
+from ..data.coco import coco_ground_truth as _load_ground_truth
+from ..data.coco import read_coco
 from ..data.masks import encode_rles
 from .distributed import gather_objects
 
@@ -59,46 +61,6 @@ def _listed(ids: set[str]) -> str:
     ids = sorted(ids)
     more = f" and {len(ids) - MAX_NAMED} more" if len(ids) > MAX_NAMED else ""
     return ", ".join(ids[:MAX_NAMED]) + more
-
-
-def _load_ground_truth(gt: str | Path | dict) -> tuple[str, dict]:
-    """``(name, data)``: a file is read and checked by :func:`read_coco`; a dict gets the same checks."""
-    if not isinstance(gt, dict):
-        return str(gt), read_coco(gt)
-    name = "ground truth (dict)"
-    for key, fields in REQUIRED.items():
-        if not isinstance(gt.get(key), list):
-            raise AnnotationError(f"{name}: missing the list '{key}'")
-        for entry in gt[key]:
-            missing = [f for f in fields if f not in entry]
-            if missing:
-                raise AnnotationError(f"{name}: an entry of '{key}' lacks {missing}: {str(entry)[:200]}")
-    if not gt["categories"]:
-        raise AnnotationError(f"{name}: the categories list is empty")
-    images = {image["id"] for image in gt["images"]}
-    categories = {c["id"] for c in gt["categories"]}
-    for ann in gt["annotations"]:
-        if ann["category_id"] not in categories:
-            raise AnnotationError(
-                f"{name}: annotation {ann['id']} has category_id {ann['category_id']}, "
-                f"which is not in the categories list {sorted(categories)}"
-            )
-        if ann["image_id"] not in images:
-            raise AnnotationError(f"{name}: annotation {ann['id']} refers to image_id {ann['image_id']}, not in images")
-    return name, gt
-
-
-def _check_ground_truth(name: str, data: dict, iou_type: str) -> None:
-    """The fields COCOeval reads beyond those :func:`read_coco` requires."""
-    needed = ("area", "iscrowd", "segmentation") if iou_type == "segm" else ("area", "iscrowd")
-    for ann in data["annotations"]:
-        missing = [f for f in needed if f not in ann]
-        if missing:
-            raise AnnotationError(f"{name}: annotation {ann['id']} lacks {missing}, needed for '{iou_type}' evaluation")
-    if iou_type == "segm":
-        for image in data["images"]:
-            if "height" not in image or "width" not in image:
-                raise AnnotationError(f"{name}: image {image['id']} lacks 'height'/'width', needed for masks")
 
 
 def _load_results(results: str | Path | list) -> tuple[str, list]:
