@@ -2,9 +2,11 @@
 
 Each table is data: a list of ``(row label as printed in the paper, overrides)``. The overrides of tables
 6a-6e are ClusterFormer constructor options (``docs/architecture.md``, "Variants") and go into the
-classifier's ``model_kwargs``; those of 6f are decoder options and go into ``SetTask``'s ``decoder``. A row
-whose overrides are ``None`` is a method of the paper that this implementation does not have; it is
-listed in the output as not reproduced, never trained as a stand-in.
+classifier's ``model_kwargs``; those of 6f are decoder options and go into ``SetTask``'s ``decoder``. The
+supplement's Table S1 repeats the six parts on panoptic segmentation: the rows of S1a-S1f are those of 6a-6f,
+with encoder options going into ``PanopticTask``'s ``backbone_kwargs`` and decoder options (the ``"decoder"`` entry
+of a row) into its ``decoder``. A row whose overrides are ``None`` is a method of the paper that this
+implementation does not have; it is listed in the output as not reproduced, never trained as a stand-in.
 
 ``run_ablation`` reads the same LightningCLI config that ``clusterformer fit`` takes, builds the task, the
 data and the trainer of every row from it (same seed for every row), trains, validates and writes
@@ -79,8 +81,36 @@ TABLES: dict[str, Rows] = {
     ],
 }
 
+# Supplement Table S1: the same six parts on COCO panoptic segmentation. Encoder options as in 6a-6e, decoder
+# options under "decoder". The BASELINE encoder has no clustering, so no centers to start the decoder's queries
+# from: its row learns free queries. T counts the E/M iterations of the encoder's and the decoder's clustering.
+TABLES |= {
+    "s1a": [
+        ("BASELINE", {"baseline": True, "decoder": {"query_init": "free"}}),
+        *((label, dict(overrides)) for label, overrides in TABLES["6a"][1:]),
+    ],
+    "s1b": [(str(t), {"iterations": t, "decoder": {"iterations": t}}) for t in (1, 2, 3, 4)],
+    "s1c": [(label, dict(overrides)) for label, overrides in TABLES["6c"]],
+    "s1d": [(label, dict(overrides)) for label, overrides in TABLES["6d"]],
+    "s1e": [(label, dict(overrides)) for label, overrides in TABLES["6e"]],
+    "s1f": [(label, None if overrides is None else {"decoder": dict(overrides)}) for label, overrides in TABLES["6f"]],
+}
+
 # the row of each table that the paper adopts (marked in red there, in bold here)
-ADOPTED = {"6a": 3, "6b": 2, "6c": 4, "6d": 2, "6e": 4, "6f": 4}
+ADOPTED = {
+    "6a": 3,
+    "6b": 2,
+    "6c": 4,
+    "6d": 2,
+    "6e": 4,
+    "6f": 4,
+    "s1a": 3,
+    "s1b": 2,
+    "s1c": 4,
+    "s1d": 2,
+    "s1e": 4,
+    "s1f": 4,
+}
 
 # "#Params" of the paper's Table 6, row by row, in millions: ClusterFormer-Tiny with the 1000-class head (6b prints
 # one count for every T). ``markdown_table`` sets each row's variant of ClusterFormer-Tiny beside them.
@@ -103,6 +133,7 @@ class Layout:
 
 
 CLASSIFICATION = (("top-1", "top1"), ("top-5", "top5"))
+PANOPTIC = (("PQ", "PQ"), ("PQ Th", "PQ_th"), ("PQ St", "PQ_st"))
 LAYOUTS = {
     "6a": Layout("(a) Key Component Analysis", "Algorithm Component", CLASSIFICATION, 2),
     "6b": Layout("(b) Number of iterations T", "Numbers (T)", CLASSIFICATION, 2),
@@ -115,12 +146,21 @@ LAYOUTS = {
         (("mAP", "mAP"), ("AP50", "AP50"), ("AP75", "AP75")),
         1,
     ),
+    "s1a": Layout("(a) Key Component Analysis", "Algorithm Component", PANOPTIC, 1),
+    "s1b": Layout("(b) Number of iterations T", "Numbers (T)", PANOPTIC, 1),
+    "s1c": Layout("(c) Recurrent Cross-Attention Clustering", "Variant Cluster Center Updating Strategy", PANOPTIC, 1),
+    "s1d": Layout("(d) Head Dimension", "Head Dimension", PANOPTIC, 1),
+    "s1e": Layout("(e) Feature Dispatching", "Feature Dispatching", PANOPTIC, 1),
+    "s1f": Layout(
+        "(f) Decoder Query Initialization for panoptic segmentation", "Decoder Query Initialization", PANOPTIC, 1
+    ),
 }
 
 # the logged validation metric behind each reported key (one of the task's ``registry.TASKS[task].metrics``)
 METRICS = {
     "classification": {"top1": "val/top1", "top5": "val/top5"},
     "instance": {"mAP": "val/segm_AP", "AP50": "val/segm_AP50", "AP75": "val/segm_AP75"},
+    "panoptic": {"PQ": "val/PQ", "PQ_th": "val/PQ_th", "PQ_st": "val/PQ_st"},
 }
 
 NOT_REPRODUCED = (
@@ -133,13 +173,25 @@ def check_table(table: str) -> str:
     """``table`` normalised (``"6A"``, ``"table6a"`` -> ``"6a"``); a ``ValueError`` naming the choices if unknown."""
     key = str(table).lower().removeprefix("table").strip().lstrip("_ ")
     if key not in TABLES:
-        raise ValueError(f"unknown ablation table {table!r}; choose one of {', '.join(TABLES)} (paper Table 6)")
+        raise ValueError(
+            f"unknown ablation table {table!r}; choose one of {', '.join(map(table_name, TABLES))} (paper Table 6, "
+            "supplement Table S1)"
+        )
     return key
 
 
+def table_name(table: str) -> str:
+    """The table as the paper names it: ``"6a"``, ``"S1a"``."""
+    return table.upper()[:2] + table[2:] if table.startswith("s1") else table
+
+
 def table_task(table: str) -> str:
-    """``"classification"`` (6a-6e, ImageNet in the paper) or ``"instance"`` (6f, COCO)."""
-    return "instance" if check_table(table) == "6f" else "classification"
+    """``"classification"`` (6a-6e, ImageNet in the paper), ``"instance"`` (6f, COCO) or ``"panoptic"`` (S1a-S1f,
+    COCO panoptic)."""
+    table = check_table(table)
+    if table.startswith("s1"):
+        return "panoptic"
+    return "instance" if table == "6f" else "classification"
 
 
 # --- building one row ---------------------------------------------------------------------------------
@@ -168,12 +220,33 @@ def redirect_outputs(trainer_config, row_dir: Path) -> None:
                 init_args[key] = str(path)
 
 
+def _merge(init_args, key: str, overrides: dict) -> None:
+    current = init_args.get(key)
+    if isinstance(current, Namespace):  # a typed option (the tasks' DecoderSettings), parsed field by field
+        for name, value in overrides.items():
+            current[name] = value
+    else:
+        init_args[key] = {**(current or {}), **overrides}
+
+
 def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> None:
     """Merge a row's overrides into the task's constructor options (in place): the encoder's options of the
-    classifier (6a-6e) or the decoder's of the instance model (6f)."""
+    classifier (6a-6e), the decoder's of the instance model (6f), or both of the panoptic model's (S1a-S1f)."""
     init_args = model_config.init_args
     class_path = model_config.class_path
     spec = TASKS[task]
+    if task == "panoptic":
+        if spec.encoder_options not in init_args or "decoder" not in init_args:
+            raise ValueError(
+                f"{config_path}: supplement Table S1 ablates panoptic segmentation (PQ on COCO panoptic in the "
+                f"paper); the config's model must be {spec.module}, got {class_path}"
+            )
+        encoder = {name: value for name, value in overrides.items() if name != "decoder"}
+        if encoder:
+            _merge(init_args, spec.encoder_options, encoder)
+        if overrides.get("decoder"):
+            _merge(init_args, "decoder", overrides["decoder"])
+        return
     if task == "classification":
         key = spec.encoder_options
         if key not in init_args:
@@ -189,12 +262,7 @@ def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> N
                 f"model must be {spec.module} with task: {task}, got {class_path}"
                 + (f" with task: {init_args.get('task')}" if "task" in init_args else "")
             )
-    current = init_args.get(key)
-    if isinstance(current, Namespace):  # a typed option (SetTask's DecoderSettings), parsed field by field
-        for name, value in overrides.items():
-            current[name] = value
-    else:
-        init_args[key] = {**(current or {}), **overrides}
+    _merge(init_args, key, overrides)
 
 
 def build_row(
@@ -370,8 +438,8 @@ def run_ablation(
     """Train and validate every row of ``table`` with the settings of ``config`` and write the table.
 
     Args:
-        table: ``"6a"``, ``"6b"``, ``"6c"``, ``"6d"``, ``"6e"`` (classification config) or ``"6f"`` (instance
-            segmentation config).
+        table: ``"6a"``, ``"6b"``, ``"6c"``, ``"6d"``, ``"6e"`` (classification config), ``"6f"`` (instance
+            segmentation config) or ``"s1a"`` ... ``"s1f"`` (supplement Table S1: panoptic segmentation config).
         config: a LightningCLI YAML (what ``clusterformer fit --config`` takes).
         out_dir: ``table_<id>.md``, ``table_<id>.json`` and one sub-folder per row (logs, checkpoints, config).
         max_epochs, limit_train_batches, limit_val_batches: override the config's trainer settings.
@@ -418,7 +486,7 @@ def run_ablation(
         "rows": [],
     }
     for index, (label, overrides) in enumerate(rows):
-        prefix = f"[{index + 1}/{len(rows)}] Table {table}: {label}"
+        prefix = f"[{index + 1}/{len(rows)}] Table {table_name(table)}: {label}"
         entry = {"label": label, "overrides": overrides, "adopted": index == ADOPTED[table]}
         if overrides is None:
             log(f"{prefix}: not reproduced")
@@ -494,7 +562,7 @@ def markdown_table(report: dict) -> str:
         *comparison_headers,
     ]
     comparison = paper_comparison(table) if with_params else []
-    paper_data = "ImageNet-1K" if with_params else "COCO"
+    paper_data = {"classification": "ImageNet-1K", "instance": "COCO"}.get(report["task"], "COCO panoptic")
     limits = ", ".join(
         f"{name} {report[key]}"
         for name, key in (("limit_train_batches", "limit_train_batches"), ("limit_val_batches", "limit_val_batches"))
@@ -502,7 +570,8 @@ def markdown_table(report: dict) -> str:
     )
     epochs = report.get("max_epochs")
     lines = [
-        f"**Table {table}** {layout.caption}: `{report.get('model', '?')}` on `{report.get('dataset', '?')}`, "
+        f"**Table {table_name(table)}** {layout.caption}: `{report.get('model', '?')}` "
+        f"on `{report.get('dataset', '?')}`, "
         f"{epochs} epoch{'' if epochs == 1 else 's'}{f' ({limits})' if limits else ''}, seed {report['seed']}, "
         f"config `{report['config']}`. These are not {paper_data} numbers: compare the rows with each other, "
         "not with the paper.",
@@ -557,5 +626,6 @@ def markdown_table(report: dict) -> str:
         )
         notes.append("Accuracies in %, on the validation split. The adopted design of the paper in bold.")
     else:
-        notes.append("Mask AP in % (pycocotools), on the validation split. The adopted design of the paper in bold.")
+        what = "Mask AP in % (pycocotools)" if report["task"] == "instance" else "PQ, PQ of things and of stuff in %"
+        notes.append(f"{what}, on the validation split. The adopted design of the paper in bold.")
     return body + "\n\n" + "\n\n".join(notes) + "\n"

@@ -426,15 +426,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablate = sub.add_parser(
         "ablate",
-        help="train the variants of one of the paper's ablation tables (Table 6a-6f) and write the table",
+        help="train the variants of one of the paper's ablation tables (Table 6a-6f, S1a-S1f) and write the table",
         description="Train and validate every variant of one part of the paper's Table 6 with the task, data and "
         "trainer of a LightningCLI config (the file that 'clusterformer fit' takes), same seed for every row, and "
         "write OUT/table_<id>.md (the paper's layout, parameter counts measured from each model) and "
         "OUT/table_<id>.json; each row logs and checkpoints into OUT/table_<id>/<row>. 6a components, 6b "
         "iterations T, 6c center update, 6d head dimension, 6e feature dispatching: a classification config; 6f "
-        "decoder query initialisation: an instance segmentation config. See docs/training.md, Ablations.",
+        "decoder query initialisation: an instance segmentation config; S1a-S1f, the same six parts of the "
+        "supplement's Table S1: a panoptic segmentation config. See docs/training.md, Ablations.",
     )
-    ablate.add_argument("--table", required=True, help="6a, 6b, 6c, 6d, 6e or 6f")
+    ablate.add_argument("--table", required=True, help="6a, 6b, 6c, 6d, 6e, 6f or S1a ... S1f")
     ablate.add_argument("--config", required=True, help="LightningCLI YAML config of the task and data")
     ablate.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
     ablate.add_argument("--max-epochs", type=int, help="default: the config's trainer.max_epochs")
