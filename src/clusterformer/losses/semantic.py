@@ -24,7 +24,7 @@ class SemanticCriterion(SetCriterion):
       (it learns ``p_q(c)`` of the post-processing ``argmax_c sum_q p_q(c) m_q``).
 
     Targets: ``semantic (H, W)`` int64 with 255 ignored, ``labels`` (the classes present) and their
-    ``masks (n, H, W)``, at the padded input size (``tasks.semantic.collate_semantic`` builds them).
+    ``masks (n, H, W)``, at the padded input size (``data.collate.collate_semantic`` builds them).
     """
 
     loss_terms = {**LOSS_TERMS, "ce": ("loss_ce",), "dice": ("loss_dice",)}
