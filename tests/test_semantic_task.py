@@ -13,7 +13,7 @@ from clusterformer.cli import main
 from clusterformer.data.collate import collate_semantic
 from clusterformer.errors import SettingError
 from clusterformer.losses import semantic_criterion
-from clusterformer.matching import ClassQueryMatcher
+from clusterformer.losses.matching import ClassQueryMatcher
 from clusterformer.metrics.semantic import evaluate_semantic
 from clusterformer.tasks import SemanticData, SemanticTask
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clusterformer.matching import ClassQueryMatcher
-
+from .matching import ClassQueryMatcher
 from .sets import LOSS_TERMS, SetCriterion
 from .terms import IGNORE_INDEX, dice_loss, sample_at_centres
 
