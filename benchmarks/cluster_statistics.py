@@ -23,8 +23,8 @@ import timm
 import torch
 import yaml
 
+from clusterformer.commands.explain import compute_assignments, model_from_checkpoint, model_from_timm
 from clusterformer.data.images import load_rgb
-from clusterformer.explain import compute_assignments, model_from_checkpoint, model_from_timm
 from clusterformer.layers.clustering import cluster_statistics
 
 KEYS = ("clusters_used", "mean_max_assignment", "center_cosine")

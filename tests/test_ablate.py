@@ -10,7 +10,9 @@ import timm
 import torch
 
 import clusterformer  # noqa: F401  (registers the models with timm)
-from clusterformer.ablate import (
+from clusterformer.checkpoint_io import AtomicCheckpointIO
+from clusterformer.cli import main
+from clusterformer.commands.ablate import (
     ADOPTED,
     PAPER_PARAMS,
     TABLES,
@@ -20,8 +22,6 @@ from clusterformer.ablate import (
     paper_comparison,
     run_ablation,
 )
-from clusterformer.checkpoint_io import AtomicCheckpointIO
-from clusterformer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFICATION = ROOT / "configs/classification/clusterformer_nano_shapes.yaml"

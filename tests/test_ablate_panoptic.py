@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from clusterformer.ablate import ADOPTED, LAYOUTS, TABLES, build_row, check_table, table_task
 from clusterformer.cli import main
+from clusterformer.commands.ablate import ADOPTED, LAYOUTS, TABLES, build_row, check_table, table_task
 from clusterformer.layers.comparators import CrossAttentionUpdate
 
 ROOT = Path(__file__).resolve().parents[1]

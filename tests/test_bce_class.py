@@ -6,7 +6,7 @@ import math
 import torch
 
 from clusterformer.losses import detection_criterion
-from clusterformer.matching import focal_class_cost
+from clusterformer.losses.matching import focal_class_cost
 
 
 def test_bce_matching_cost_is_minus_the_logit():

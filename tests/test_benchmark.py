@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from clusterformer.benchmark import (
+from clusterformer.cli import main
+from clusterformer.commands.benchmark import (
     PEERS,
     build,
     count_gmacs,
@@ -15,7 +16,6 @@ from clusterformer.benchmark import (
     markdown_table,
     run_benchmark,
 )
-from clusterformer.cli import main
 from clusterformer.data.images import parse_img_size
 
 
@@ -72,7 +72,7 @@ def test_peak_memory_is_what_the_workload_allocates(monkeypatch):
     nothing)."""
     import numpy as np
 
-    from clusterformer import benchmark
+    from clusterformer.commands import benchmark
 
     def allocating(*args, **kwargs):
         return lambda: np.ones(64 * 2**20, np.uint8).sum()
@@ -208,7 +208,7 @@ def recording_run(calls: list):
 def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
     calls = []
 
-    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", recording_run(calls))
+    monkeypatch.setattr("clusterformer.commands.benchmark.run_benchmark", recording_run(calls))
     out_json = tmp_path / "dense.json"
     args = ["benchmark", "--task", "dense", "--models", "clusterformer_nano_detection"]
     assert main([*args, "--img-size", "64", "--img-size", "64x96", "--json", str(out_json)]) == 0
@@ -221,7 +221,7 @@ def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
     assert main(["benchmark", "--models", "clusterformer_nano_instance"]) == 0  # dense names alone: dense defaults
     assert [(batch, size) for _, batch, size, _ in calls] == [(1, (512, 512)), (1, (800, 1216))]
     calls.clear()
-    monkeypatch.setattr("clusterformer.benchmark.require_transformers", lambda models: None)
+    monkeypatch.setattr("clusterformer.commands.benchmark.require_transformers", lambda models: None)
     assert main(["benchmark", "--task", "dense"]) == 0  # the default dense set at both sizes
     assert [size for *_, size, _ in calls] == [(512, 512), (800, 1216)]
     assert calls[0][0] == (
@@ -248,7 +248,7 @@ def test_transformers_peers_build_offline_with_random_weights(name, outputs):
 
 
 def test_runtime_names_and_peers():
-    from clusterformer.benchmark import peer_of, split_runtime, with_runtimes
+    from clusterformer.commands.benchmark import peer_of, split_runtime, with_runtimes
 
     assert split_runtime("clusterformer_tiny") == ("clusterformer_tiny", "eager")
     assert split_runtime("clusterformer_tiny@onnxruntime") == ("clusterformer_tiny", "onnxruntime")
@@ -263,7 +263,7 @@ def test_runtime_names_and_peers():
 
 def test_runtime_workloads_compute_what_eager_computes(tmp_path):
     """The timed onnxruntime and torch.compile passes run the same network on the same images as eager."""
-    from clusterformer.benchmark import workload
+    from clusterformer.commands.benchmark import workload
 
     pytest.importorskip("onnxruntime")
     eager = workload("clusterformer_nano", "infer", 2, (64, 96))()
@@ -285,7 +285,7 @@ def test_runtime_workloads_compute_what_eager_computes(tmp_path):
 def test_cli_onnx_measures_eager_compile_and_onnxruntime(monkeypatch, capsys):
     calls = []
 
-    monkeypatch.setattr("clusterformer.benchmark.run_benchmark", recording_run(calls))
+    monkeypatch.setattr("clusterformer.commands.benchmark.run_benchmark", recording_run(calls))
     assert main(["benchmark", "--onnx"]) == 0
     assert calls == [(("clusterformer_tiny", "clusterformer_tiny@compile", "clusterformer_tiny@onnxruntime"), 8, 224,
                       False)]  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 
 import clusterformer  # noqa: F401  (registers the models)
 from clusterformer import ClusterBlock
-from clusterformer.ablate import TABLES
+from clusterformer.commands.ablate import TABLES
 from clusterformer.tasks import ClassificationTask
 
 

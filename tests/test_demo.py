@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from clusterformer.cli import main
-from clusterformer.demo import (
+from clusterformer.commands.demo import (
     PRESETS,
     STAGE_NAMES,
     DemoInterrupted,
@@ -97,7 +97,7 @@ STOPPED = textwrap.dedent(
     """
     import json, sys, time
     import torch
-    from clusterformer import demo
+    from clusterformer.commands import demo
     from clusterformer.cli import main
     from clusterformer.tasks import ClassificationTask, SetTask
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from skimage import data as photographs
 
 from clusterformer.cli import main
-from clusterformer.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
+from clusterformer.commands.explain import ExplainModel, compute_assignments, model_from_timm, token_grid_to_image
 from helpers import train_one_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -75,7 +75,7 @@ def test_a_dense_checkpoint_also_shows_the_decoder_assignment(photos, shapes_dir
 
 
 def test_the_decoder_assignment_is_a_softmax_over_the_queries(photos, shapes_dir, tmp_path):
-    from clusterformer.explain import model_from_checkpoint
+    from clusterformer.commands.explain import model_from_checkpoint
 
     shapes = shapes_dir(seed=4, num_train=8, num_val=5, size=64)
     model = model_from_checkpoint(train_one_step("panoptic", shapes, tmp_path / "panoptic.ckpt"))

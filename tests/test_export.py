@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 import clusterformer  # noqa: F401  (registers the models)
 from clusterformer.cli import main
-from clusterformer.export import ExportError, export_model
+from clusterformer.commands.export import ExportError, export_model
 from clusterformer.heads import build_set_model
 from clusterformer.tasks import ClassificationTask
 
@@ -175,7 +175,7 @@ def test_export_command_reports_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_onnx_outputs_are_the_final_layer_not_the_auxiliary_ones(dense):
-    from clusterformer.export import exportable
+    from clusterformer.commands.export import exportable
 
     module, names = exportable(dense, torch.randn(1, 3, 64, 64))
     assert names == ["logits", "boxes", "masks"] and not module.training

@@ -18,7 +18,7 @@ from clusterformer.losses import (
     sigmoid_ce_loss,
     uncertainty_points,
 )
-from clusterformer.matching import HungarianMatcher
+from clusterformer.losses.matching import HungarianMatcher
 from helpers import corners, sigmoid, slow_point_sample
 
 ALPHA, GAMMA = 0.25, 2.0

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clusterformer.matching import HungarianMatcher
+from clusterformer.losses.matching import HungarianMatcher
 from helpers import corners, sigmoid, slow_point_sample
 
 ALPHA, GAMMA = 0.25, 2.0

@@ -15,7 +15,7 @@ from clusterformer.losses import (
     sample_at_centres,
     uncertainty_points,
 )
-from clusterformer.matching import HungarianMatcher
+from clusterformer.losses.matching import HungarianMatcher
 from helpers import sigmoid, slow_point_sample
 
 CLASSES, THINGS = 5, {0, 1, 2}  # classes 3 and 4 are stuff

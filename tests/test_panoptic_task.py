@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from clusterformer.cli import main
+from clusterformer.data.collate import collate_panoptic
 from clusterformer.errors import SettingError
 from clusterformer.metrics.panoptic import pq_compute, write_panoptic
 from clusterformer.metrics.panoptic_eval import miou_with_void
 from clusterformer.metrics.semantic import SemanticConfusion
 from clusterformer.tasks import PanopticData, PanopticTask
-from clusterformer.tasks.panoptic import collate_panoptic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)

@@ -6,7 +6,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from clusterformer import pictures
-from clusterformer.predict import SetWriter, TaskModel
+from clusterformer.commands.predict import SetWriter
+from clusterformer.weights import TaskModel
 
 RED, BLUE = (230, 20, 40), (20, 60, 220)
 

@@ -12,12 +12,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from clusterformer.cli import main
+from clusterformer.commands.predict import image_ids, is_lightning_predict, output_names
 from clusterformer.data import CATEGORIES, THINGS
 from clusterformer.metrics.coco import coco_evaluate
 from clusterformer.metrics.panoptic import pq_compute, read_ids_png
 from clusterformer.metrics.semantic import evaluate_semantic
 from clusterformer.outputs import atomic_path
-from clusterformer.predict import image_ids, is_lightning_predict, output_names
 from helpers import SIZE, train_one_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +217,8 @@ def test_an_interrupted_write_leaves_nothing(tmp_path):
 def test_classification_predictions_resize_with_the_checkpoints_interpolation():
     from torchvision.transforms import InterpolationMode
 
-    from clusterformer.predict import TaskModel, eval_transform
+    from clusterformer.commands.predict import eval_transform
+    from clusterformer.weights import TaskModel
 
     stored = {"img_size": 32, "eval_resize": 40, "interpolation": "bilinear"}
     resize, crop = eval_transform(TaskModel("classification", torch.nn.Identity(), [], [], stored)).transforms[:2]

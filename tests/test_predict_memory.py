@@ -15,10 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torchvision.ops import masks_to_boxes
 
-import clusterformer.predict
+import clusterformer.commands.predict
 from clusterformer.cli import main
+from clusterformer.commands.predict import NearestResize
 from clusterformer.metrics.panoptic import read_ids_png
-from clusterformer.predict import NearestResize
 from clusterformer.tasks import CocoData, PanopticData, PanopticTask, SemanticData, SemanticTask, SetTask
 from helpers import save_after_one_step
 
@@ -98,7 +98,7 @@ def test_a_large_image_never_gets_per_query_masks_at_its_size(task, checkpoint, 
     rng = np.random.default_rng(0)
     image = tmp_path / "large.png"
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), np.uint8)).resize((LARGE, LARGE), Image.BILINEAR).save(image)
-    monkeypatch.setattr(clusterformer.predict, "MAX_OVERLAY_SIDE", 600)  # the overlay drawn scaled down
+    monkeypatch.setattr(clusterformer.commands.predict, "MAX_OVERLAY_SIDE", 600)  # the overlay drawn scaled down
     out = tmp_path / "out"
     threshold = ["--score-threshold", "0"] if task == "panoptic" else []  # every query in the merging
     with LargestAtSize((LARGE, LARGE)) as seen:

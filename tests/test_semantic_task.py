@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from clusterformer.cli import main
+from clusterformer.data.collate import collate_semantic
 from clusterformer.errors import SettingError
 from clusterformer.losses import semantic_criterion
-from clusterformer.matching import ClassQueryMatcher
+from clusterformer.losses.matching import ClassQueryMatcher
 from clusterformer.metrics.semantic import evaluate_semantic
 from clusterformer.tasks import SemanticData, SemanticTask
-from clusterformer.tasks.semantic import collate_semantic
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DECODER = dict(dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)

@@ -11,10 +11,10 @@ from torchvision import tv_tensors
 from torchvision.ops import box_convert
 
 from clusterformer.cli import main
+from clusterformer.data.collate import collate_sets, pad_batch
 from clusterformer.errors import SettingError
 from clusterformer.metrics.coco import coco_evaluate, to_coco_results
 from clusterformer.tasks import CocoData, SetTask
-from clusterformer.tasks.sets import collate_sets, pad_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DECODER = dict(num_queries=10, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64)

@@ -31,7 +31,7 @@ class TaskSpec:
         title: what the task is called in text (the demo's stages).
         module: import path of its LightningModule, as a config's ``model.class_path`` writes it.
         data: import path of its LightningDataModule (``data.class_path``).
-        writer: import path of its ``clusterformer predict`` writer (a ``predict.Writer``).
+        writer: import path of its ``clusterformer predict`` writer (a ``commands.predict.Writer``).
         metrics: the validation metrics its module logs (``val/...``; a classifier of fewer than five classes logs
             ``val/topK``, K its number of classes, in place of ``val/top5``).
         monitor: the metric of ``metrics`` that a best checkpoint follows (the paper configs' ``ModelCheckpoint``),
@@ -102,25 +102,26 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         TaskSpec(
             "classification", "classification", "clusterformer.tasks.ClassificationTask",
-            "clusterformer.tasks.ImageFolderData", "clusterformer.predict.ClassificationWriter",
+            "clusterformer.tasks.ImageFolderData", "clusterformer.commands.predict.ClassificationWriter",
             ("val/top1", "val/top5", "val/loss"), "val/top1", dense=False, signature_key="model",
         ),
         TaskSpec(
             "detection", "object detection", "clusterformer.tasks.SetTask", "clusterformer.tasks.CocoData",
-            "clusterformer.predict.SetWriter", _coco("bbox"), "val/bbox_AP", task_argument=True, signature_key="task",
-        ),
-        TaskSpec(
-            "instance", "instance segmentation", "clusterformer.tasks.SetTask", "clusterformer.tasks.CocoData",
-            "clusterformer.predict.SetWriter", _coco("segm") + _coco("bbox"), "val/segm_AP", task_argument=True,
+            "clusterformer.commands.predict.SetWriter", _coco("bbox"), "val/bbox_AP", task_argument=True,
             signature_key="task",
         ),
         TaskSpec(
+            "instance", "instance segmentation", "clusterformer.tasks.SetTask", "clusterformer.tasks.CocoData",
+            "clusterformer.commands.predict.SetWriter", _coco("segm") + _coco("bbox"), "val/segm_AP",
+            task_argument=True, signature_key="task",
+        ),
+        TaskSpec(
             "semantic", "semantic segmentation", "clusterformer.tasks.SemanticTask", "clusterformer.tasks.SemanticData",
-            "clusterformer.predict.SemanticWriter", ("val/mIoU", "val/mAcc", "val/aAcc"), "val/mIoU",
+            "clusterformer.commands.predict.SemanticWriter", ("val/mIoU", "val/mAcc", "val/aAcc"), "val/mIoU",
         ),
         TaskSpec(
             "panoptic", "panoptic segmentation", "clusterformer.tasks.PanopticTask", "clusterformer.tasks.PanopticData",
-            "clusterformer.predict.PanopticWriter", (*_PQ, "val/mIoU_pan", "val/mAP_pan_th"), "val/PQ",
+            "clusterformer.commands.predict.PanopticWriter", (*_PQ, "val/mIoU_pan", "val/mAP_pan_th"), "val/PQ",
             signature_key="num_things",
         ),
     )

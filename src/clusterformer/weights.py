@@ -5,6 +5,8 @@
 * :func:`task_from_checkpoint` rebuilds the task's LightningModule from the checkpoint's ``hyper_parameters``
   and loads its state dict. The task is the ``clusterformer_task`` key that every task writes into its
   checkpoints (Lightning itself records no class); older checkpoints are recognised by their hyperparameters.
+* :func:`load_task_model` is the checkpoint as the commands that run it take it (``predict``, ``explain``): the
+  module in eval mode with its class names, COCO categories and the data settings stored with it (:class:`TaskModel`).
 * :func:`convert_checkpoint` writes ``PREFIX.safetensors`` (the task model's state dict, keys without the task's
   ``model.`` prefix; with ``backbone_only`` just the encoder, keys without ``backbone.``) and ``PREFIX.json``
   (task, model name, number of classes and the task's hyperparameters); :func:`load_weights` rebuilds the model
@@ -23,12 +25,12 @@ See ``docs/deployment.md``.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import json
 import pickle
-import sys
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -357,31 +359,53 @@ def load_timm_weights(name: str, weights: str | Path, num_classes: int | None = 
     return model.eval()
 
 
-# --- the command ------------------------------------------------------------------------------------------------
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "convert",
-        help="write a task checkpoint's model as safetensors + JSON (safe to share; loads with timm)",
-        description="Convert a Lightning task checkpoint (loaded with weights_only=True) into PREFIX.safetensors "
-        "(the model's state dict, keys without the task's 'model.' prefix) and PREFIX.json (task, model name, "
-        "number of classes, the task's hyperparameters). A classifier's file loads with timm.create_model(NAME, "
-        "pretrained=True, num_classes=N, pretrained_cfg_overlay=dict(file=..., num_classes=N)); --backbone-only "
-        "writes the encoder alone (keys without 'backbone.'), to initialise another task through "
-        "backbone_kwargs={pretrained: true, pretrained_cfg_overlay: {file: ...}}. See docs/deployment.md.",
-    )
-    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint of a task")
-    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.safetensors and PREFIX.json")
-    parser.add_argument("--backbone-only", action="store_true", help="write only the encoder")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.safetensors / PREFIX.json")
-    parser.set_defaults(func=_convert)
-    return parser
+# --- a task module for predictions ----------------------------------------------------------------------------------
+@dataclass
+class TaskModel:
+    """A task module with what predictions need from its checkpoint.
+
+    ``classes``: a name per label; ``categories``: COCO category dicts per label (``id``, ``name``, ``isthing``);
+    ``data``: the data module's hyperparameters stored with the checkpoint (test sizes), ``{}`` if none."""
+
+    task: str
+    module: torch.nn.Module
+    classes: list[str]
+    categories: list[dict]
+    data: dict = field(default_factory=dict)
+
+    @property
+    def colours(self):
+        """An RGB colour per label (``pictures.class_colours``)."""
+        from .pictures import class_colours
+
+        return class_colours(len(self.classes), self.categories)
 
 
-def _convert(args: argparse.Namespace) -> int:
-    try:
-        weights, info = convert_checkpoint(args.ckpt, args.out, args.backbone_only, overwrite=args.overwrite)
-    except (ValueError, OSError) as error:  # bad input: one line, no traceback
-        print(f"clusterformer convert: error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {weights} and {info}", file=sys.stderr)
-    return 0
+def load_task_model(
+    task: str | None, checkpoint_path: str | Path, class_names: Sequence[str] | None = None
+) -> TaskModel:
+    """Rebuild the task module of a Lightning checkpoint (``weights.task_from_checkpoint``: weights only,
+    never code), with its class names (``class_names`` overrides those stored in the checkpoint) and data
+    settings. A checkpoint of another task than ``task`` (``None``: any) is an error."""
+    from .tasks.dataset_info import CATEGORIES_KEY, CLASSES_KEY
+
+    path = Path(checkpoint_path)
+    checkpoint = load_checkpoint(path)  # names and data settings; the task is checked before building the model
+    found = checkpoint_task(checkpoint, path)
+    if task is not None and found != task:
+        raise CheckpointError(f"{path}: a {found} checkpoint, not {task} (use --task {found})")
+    _, module = task_from_checkpoint(path, found)
+    hparams = dict(module.hparams)
+    num_classes = int(hparams["num_classes"])
+    stored = checkpoint.get(CATEGORIES_KEY) or []
+    categories = [dict(c) for c in stored] if len(stored) == num_classes else []
+    names = list(class_names or checkpoint.get(CLASSES_KEY) or [c.get("name") for c in categories])
+    if class_names is not None and len(names) != num_classes:
+        raise CheckpointError(f"{len(names)} class names given but the checkpoint {path} has {num_classes} classes")
+    if len(names) != num_classes or not all(names):
+        names = [f"class {i}" for i in range(num_classes)]
+    if not categories:  # COCO category ids: label + 1
+        things = hparams.get("num_things", num_classes)
+        categories = [{"id": i + 1, "name": names[i], "isthing": int(i < things)} for i in range(num_classes)]
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    return TaskModel(found, module.eval(), names, categories, dict(data))

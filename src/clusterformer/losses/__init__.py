@@ -8,11 +8,10 @@
 * ``settings``: the factories' keyword arguments as typed dataclasses (``SetLossSettings``,
   ``SemanticLossSettings``, ``PanopticLossSettings``, built from ``PointSampling`` and ``FocalSettings``).
 
-The matchers are in ``clusterformer.matching`` (``ClassQueryMatcher`` is re-exported here as well).
+The matchers are in ``matching`` (``HungarianMatcher``, ``ClassQueryMatcher``; the latter re-exported here as well).
 """
 
-from clusterformer.matching import ClassQueryMatcher
-
+from .matching import ClassQueryMatcher
 from .panoptic import PANOPTIC_LOSS_TERMS, PanopticCriterion, panoptic_criterion
 from .semantic import SemanticCriterion, semantic_criterion
 from .sets import LOSS_TERMS, SetCriterion, detection_criterion, instance_criterion, joint_criterion

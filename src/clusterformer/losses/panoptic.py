@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from clusterformer.matching import HungarianMatcher
-
+from .matching import HungarianMatcher
 from .sets import SetCriterion, _matched_query_index, _matched_targets, _require
 from .terms import IGNORE_INDEX, dice_loss, sample_at_centres, sigmoid_ce_loss
 

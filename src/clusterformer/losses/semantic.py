@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from clusterformer.matching import ClassQueryMatcher
-
+from .matching import ClassQueryMatcher
 from .sets import LOSS_TERMS, SetCriterion
 from .terms import IGNORE_INDEX, dice_loss, sample_at_centres
 
@@ -24,7 +23,7 @@ class SemanticCriterion(SetCriterion):
       (it learns ``p_q(c)`` of the post-processing ``argmax_c sum_q p_q(c) m_q``).
 
     Targets: ``semantic (H, W)`` int64 with 255 ignored, ``labels`` (the classes present) and their
-    ``masks (n, H, W)``, at the padded input size (``tasks.semantic.collate_semantic`` builds them).
+    ``masks (n, H, W)``, at the padded input size (``data.collate.collate_semantic`` builds them).
     """
 
     loss_terms = {**LOSS_TERMS, "ce": ("loss_ce",), "dice": ("loss_dice",)}

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
-from clusterformer.matching import HungarianMatcher, point_sample
-
+from .matching import HungarianMatcher, point_sample
 from .terms import dice_loss, sigmoid_ce_loss, uncertainty_points
 
 __all__ = ["LOSS_TERMS", "SetCriterion", "detection_criterion", "instance_criterion", "joint_criterion"]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clusterformer.data.semantic import IGNORE_INDEX  # void in semantic maps
-from clusterformer.matching import point_sample
+
+from .matching import point_sample
 
 __all__ = ["IGNORE_INDEX", "dice_loss", "point_sample", "sample_at_centres", "sigmoid_ce_loss", "uncertainty_points"]
 

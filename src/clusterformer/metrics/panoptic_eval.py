@@ -64,7 +64,7 @@ class PanopticEvaluator(nn.Module):
         self.instances: dict[int, list[dict]] = {}
 
     def update(self, target: Mapping, result: Mapping) -> None:
-        """One image. ``target``: the evaluation target of ``tasks.panoptic.collate_panoptic`` (``masks``
+        """One image. ``target``: the evaluation target of ``data.collate.collate_panoptic`` (``masks``
         ``(N, H, W)`` at the ground truth's size, ``labels``, ``iscrowd``, ``segment_ids``, ``image_id``);
         ``result``: ``heads.panoptic_postprocess``'s (``ids (H, W)``, ``segments_info`` with ``id``,
         ``category_id``, ``label``, ``isthing``, ``score``)."""

@@ -17,12 +17,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
+from ..data.collate import collate_panoptic
 from ..data.panoptic import CocoPanoptic, read_panoptic_json
 from ..errors import SettingError
 from ..heads import build_set_model, panoptic_postprocess
@@ -30,30 +30,7 @@ from ..losses import PanopticLossSettings, panoptic_criterion
 from ..metrics.panoptic_eval import PanopticEvaluator
 from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
 from .semantic import ImageOnly
-from .sets import pad_batch
 from .settings import DecoderSettings, as_settings
-
-
-def collate_panoptic(samples: list[tuple[torch.Tensor, dict]], train: bool = True):
-    """Pad the images (``pad_batch``). Training targets: ``labels``, ``masks`` (padded, segments that left
-    the crop dropped), ``isthing``, ``iscrowd``. Evaluation targets keep the segments unpadded at the
-    ground truth's size plus ``segment_ids``, ``image_id``, the image's ``size`` in the batch and
-    ``orig_size``."""
-    images = pad_batch([image for image, _ in samples])
-    _, _, ph, pw = images.shape
-    targets = []
-    for image, target in samples:
-        h, w = image.shape[-2:]
-        masks = target["masks"].as_subclass(torch.Tensor).bool()
-        out = {k: target[k] for k in ("labels", "isthing", "iscrowd", "segment_ids") if k in target}
-        if train:
-            keep = masks.flatten(1).any(1)
-            out = {k: v[keep] for k, v in out.items()}
-            out["masks"] = F.pad(masks[keep], (0, pw - w, 0, ph - h))
-        else:
-            out.update(masks=masks, size=(h, w), orig_size=tuple(masks.shape[-2:]), image_id=target["image_id"])
-        targets.append(out)
-    return images, targets
 
 
 def _collate_eval(samples):

@@ -12,18 +12,17 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
+from ..data.collate import collate_semantic
 from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
 from ..losses import SemanticLossSettings, semantic_criterion
 from ..metrics.semantic import SemanticConfusion
 from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
-from .sets import pad_batch
 from .settings import DecoderSettings, as_settings
 
 
@@ -36,26 +35,6 @@ class ImageOnly:
 
     def __call__(self, image, label):
         return self.transform(image), label
-
-
-def collate_semantic(samples: list[tuple[torch.Tensor, torch.Tensor]], train: bool = True):
-    """Pad the images (``pad_batch``). Training targets: ``semantic`` (the label map padded with 255 to
-    the batch size), ``labels`` (the classes present) and their ``masks``. Evaluation targets keep the
-    label map unpadded at its own size (``orig_size``) with the image's ``size`` in the batch."""
-    images = pad_batch([image for image, _ in samples])
-    _, _, ph, pw = images.shape
-    targets = []
-    for image, label in samples:
-        label = label.as_subclass(torch.Tensor).long()
-        h, w = image.shape[-2:]
-        if not train:
-            targets.append({"semantic": label, "size": (h, w), "orig_size": tuple(label.shape[-2:])})
-            continue
-        semantic = F.pad(label, (0, pw - w, 0, ph - h), value=IGNORE_INDEX)
-        classes = semantic.unique()
-        classes = classes[classes != IGNORE_INDEX]
-        targets.append({"semantic": semantic, "labels": classes, "masks": semantic[None] == classes[:, None, None]})
-    return images, targets
 
 
 def _collate_eval(samples):

@@ -9,19 +9,17 @@ under ``val/bbox_*`` (detection) or ``val/segm_*`` and ``val/bbox_*`` (instance;
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert
 
 import clusterformer  # noqa: F401  (registers the models with timm)
 
 from ..data import transforms
 from ..data.coco import CocoInstances, read_coco
+from ..data.collate import collate_sets
 from ..errors import SettingError
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, SetLossSettings, detection_criterion, instance_criterion, joint_criterion
@@ -31,43 +29,6 @@ from .settings import DecoderSettings, as_settings
 
 TASKS = ("detection", "instance")
 METRIC_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def pad_batch(images: list[torch.Tensor], divisor: int = 32) -> torch.Tensor:
-    """Stack ``(3, H_i, W_i)`` images into ``(B, 3, H, W)``, zero-padded at the bottom and right to
-    the largest size rounded up to ``divisor`` (so every stride of the model divides the batch)."""
-    h = math.ceil(max(image.shape[-2] for image in images) / divisor) * divisor
-    w = math.ceil(max(image.shape[-1] for image in images) / divisor) * divisor
-    batch = images[0].new_zeros(len(images), images[0].shape[0], h, w)
-    for out, image in zip(batch, images, strict=True):
-        out[:, : image.shape[-2], : image.shape[-1]].copy_(image)
-    return batch
-
-
-def collate_sets(samples: list[tuple[torch.Tensor, dict]], drop_crowds: bool = True) -> tuple[torch.Tensor, list[dict]]:
-    """Pad the images (``pad_batch``) and turn each target into the loss' layout: ``labels``,
-    ``boxes`` normalised ``cxcywh`` relative to the image, ``masks`` bool at the padded size, plus
-    ``size`` (the image's ``(h, w)`` in the batch), ``orig_size`` and ``image_id``. Crowd regions are
-    left out of the training targets (as DETR and Mask2Former do) when ``drop_crowds``."""
-    images = pad_batch([image for image, _ in samples])
-    _, _, ph, pw = images.shape
-    targets = []
-    for image, target in samples:
-        h, w = image.shape[-2:]
-        keep = target["iscrowd"] == 0 if drop_crowds else torch.ones_like(target["labels"], dtype=torch.bool)
-        boxes = box_convert(target["boxes"].as_subclass(torch.Tensor)[keep].float(), "xyxy", "cxcywh")
-        out = {
-            "labels": target["labels"][keep],
-            "boxes": boxes / torch.tensor([w, h, w, h], dtype=boxes.dtype),
-            "size": (h, w),
-            "orig_size": target.get("orig_size", (h, w)),
-            "image_id": target["image_id"],
-        }
-        if "masks" in target:
-            masks = target["masks"].as_subclass(torch.Tensor)[keep].bool()
-            out["masks"] = F.pad(masks, (0, pw - w, 0, ph - h))
-        targets.append(out)
-    return images, targets
 
 
 class CocoData(DenseData):

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import pictures
-from .data.images import load_rgb
-from .layers.clustering import cluster_statistics
-from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
+from .. import pictures
+from ..data.images import load_rgb
+from ..layers.clustering import cluster_statistics
+from ..outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
 
 # what explain writes into its folder: the previous results that --overwrite deletes
 OUTPUTS = ("stage*.png", "decoder*.png", "summary.png", "clusters.json")
@@ -67,8 +67,8 @@ def _check_backbone(backbone, what: str) -> None:
 
 def model_from_checkpoint(path: str | Path) -> ExplainModel:
     """The encoder (and dense model) of a task checkpoint of any task."""
-    from .predict import load_task_model
-    from .registry import TASKS
+    from ..registry import TASKS
+    from ..weights import load_task_model
 
     model = load_task_model(None, path)
     if not TASKS[model.task].dense:
@@ -92,7 +92,7 @@ def model_from_timm(name: str, weights: str | Path | None = None) -> ExplainMode
     import clusterformer  # noqa: F401  (registers the models)
 
     if weights is not None:
-        from .weights import load_timm_weights
+        from ..weights import load_timm_weights
 
         backbone = load_timm_weights(name, weights)
     else:
@@ -136,8 +136,8 @@ def compute_assignments(model: ExplainModel, image: Image.Image, size: int | Non
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from .data import transforms
-    from .tasks.sets import pad_batch
+    from ..data import transforms
+    from ..data.collate import pad_batch
 
     size = size or model.size
     transform = transforms.dense_eval(size, max(1333, int(size * 5 / 3)), model.mean, model.std)
@@ -167,7 +167,7 @@ def _crop(assignments: torch.Tensor, stride: int, input_size: tuple[int, int]) -
 def _decoder_assignments(dense, batch: torch.Tensor, stages: list[dict], input_size) -> dict:
     """The last decoder layer's query-to-pixel assignment, through forward hooks on its clustering (output:
     centers and the last E-step's ``(B * heads, N, Q)``) and on the pixel decoder (output: the levels)."""
-    from .layers.clustering import assignment_maps
+    from ..layers.clustering import assignment_maps
 
     decoder = dense.decoder
     captured = {}
@@ -287,7 +287,7 @@ def save_summary(panels: list[tuple[str, np.ndarray]], path: Path, title: str) -
     plt.close(fig)
 
 
-def add_explain_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "explain",
         help="draw the cluster assignment of every encoder stage (and the decoder's) over an image (paper Fig. 3)",
@@ -314,11 +314,11 @@ def add_explain_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--all-heads", action="store_true", help="also write <map>_head<h>.png for every head")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the cluster colours (default 0.5)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
-    parser.set_defaults(func=_explain)
+    parser.set_defaults(func=run)
     return parser
 
 
-def _explain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         if args.weights and not args.model:
             raise ExplainError("--weights goes with --model (a checkpoint carries its own weights)")

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .outputs import atomic_path, check_output_file
+from ..outputs import atomic_path, check_output_file
 
 FORMATS = ("onnx", "torchscript", "exported-program")
 ONNX_EXPORTERS = ("dynamo", "torchscript")
@@ -241,7 +241,7 @@ def _max_abs_diff(module: nn.Module, run, images: torch.Tensor) -> float:
 
 # --- the command ------------------------------------------------------------------------------------------------
 def _size(text: str) -> tuple[int, int]:
-    from .data.images import image_hw, parse_img_size
+    from ..data.images import image_hw, parse_img_size
 
     try:
         return image_hw(parse_img_size(text))
@@ -249,7 +249,7 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
         help="export a task checkpoint or a timm ClusterFormer to ONNX, TorchScript or a torch.export program",
@@ -280,12 +280,12 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         help="torch.export-based (default) or the older TorchScript-based ONNX exporter",
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the check of the saved file")
-    parser.set_defaults(func=_export)
+    parser.set_defaults(func=run)
     return parser
 
 
 def _load_for_export(args: argparse.Namespace) -> nn.Module:
-    from .weights import load_timm_weights, load_weights, task_from_checkpoint
+    from ..weights import load_timm_weights, load_weights, task_from_checkpoint
 
     if bool(args.ckpt) == bool(args.weights):
         raise ExportError("give either --ckpt or --weights")
@@ -300,7 +300,7 @@ def _load_for_export(args: argparse.Namespace) -> nn.Module:
     return load_weights(args.weights)
 
 
-def _export(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         if args.format not in FORMATS:
             raise ExportError(f"unsupported format {args.format!r}; expected one of {', '.join(FORMATS)}")

@@ -20,18 +20,20 @@ resumed run reports what an uninterrupted one does.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .registry import TASKS
+from ..registry import TASKS
 
 PRESETS = {
     # images per split, scene size, epochs per task
@@ -60,7 +62,7 @@ DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
 
 
 def _trainer_kwargs(out: Path) -> dict:
-    from .checkpoint_io import AtomicCheckpointIO
+    from ..checkpoint_io import AtomicCheckpointIO
 
     return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False,
                 plugins=[AtomicCheckpointIO()])  # fmt: skip
@@ -139,7 +141,7 @@ def _global_step(checkpoint: Path) -> int:
 def _data_finished(folder: Path, options: dict) -> bool:
     """Whether ``folder`` holds the complete shapes dataset of the demo's ``options`` (its manifest says so, with
     the same options, and every file it lists is there)."""
-    from .data.shapes import MANIFEST
+    from ..data.shapes import MANIFEST
 
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -189,7 +191,7 @@ def prepare_demo_folder(out: Path, options: dict, overwrite: bool = False, resum
     A demo run with other options, or a folder holding other files, is an
     :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``, which deletes the earlier run's
     entries (:data:`DEMO_ENTRIES`) and keeps other files."""
-    from .outputs import OutputExistsError, check_output_folder, remove_outputs, write_json
+    from ..outputs import OutputExistsError, check_output_folder, remove_outputs, write_json
 
     if overwrite and resume:
         raise ValueError("--resume and --overwrite exclude each other: continue the earlier run, or replace it")
@@ -244,8 +246,8 @@ def run_demo(
     run with :class:`DemoInterrupted`. Returns the metrics written to ``out/report/metrics.json``."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from .data import make_shapes
-    from .outputs import write_json
+    from ..data import make_shapes
+    from ..outputs import write_json
 
     preset = {**PRESETS["quick" if quick else "full"], **overrides}
     out = Path(out)
@@ -357,7 +359,7 @@ def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from .tasks import ClassificationTask, ImageFolderData
+    ClassificationTask, ImageFolderData = TASKS["classification"].module_class, TASKS["classification"].data_class
 
     L.seed_everything(seed, verbose=False)
     data = ImageFolderData(
@@ -412,7 +414,7 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
 
 
 def _load_encoder(task, encoder_state: dict | None) -> None:
-    from .backbone import CLASSIFIER_KEYS
+    from ..backbone import CLASSIFIER_KEYS
 
     if encoder_state is not None:  # the classifier's encoder, without its classification head
         task.model.backbone.load_state_dict(
@@ -426,7 +428,7 @@ def run_sets(
     """Train and evaluate the detection (``kind="detection"``) or instance model of the demo."""
     import lightning as L
 
-    from .tasks import CocoData, SetTask
+    SetTask, CocoData = TASKS[kind].module_class, TASKS[kind].data_class
 
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
@@ -452,7 +454,7 @@ def run_sets(
 def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
     import lightning as L
 
-    from .tasks import SemanticData, SemanticTask
+    SemanticTask, SemanticData = TASKS["semantic"].module_class, TASKS["semantic"].data_class
 
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
@@ -472,7 +474,7 @@ def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_s
 def run_panoptic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
     import lightning as L
 
-    from .tasks import PanopticData, PanopticTask
+    PanopticTask, PanopticData = TASKS["panoptic"].module_class, TASKS["panoptic"].data_class
 
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
@@ -616,9 +618,9 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
     from matplotlib.patches import Rectangle
     from torchvision.ops import box_convert
 
-    from .data import CATEGORIES
-    from .pictures import draw_mask
-    from .tasks.sets import collate_sets
+    from ..data import CATEGORIES
+    from ..data.collate import collate_sets
+    from ..pictures import draw_mask
 
     dataset = data._dataset(train=False)
     index = torch.linspace(0, len(dataset) - 1, count).long().tolist()
@@ -668,8 +670,8 @@ def plot_instances(task, data, path: Path, count: int = 6, top: int = 5, min_sco
 
 def _colour_map(classes, ids=None):
     """RGB picture of a class map (255 / negative = black); with ``ids``, segment boundaries drawn white."""
-    from .data import CATEGORIES
-    from .pictures import class_colours, colour_map
+    from ..data import CATEGORIES
+    from ..pictures import class_colours, colour_map
 
     return colour_map(classes, class_colours(len(CATEGORIES), CATEGORIES), ids) / 255
 
@@ -684,9 +686,8 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
     import numpy as np
     import torch
 
-    from .data.semantic import IGNORE_INDEX
-    from .tasks.panoptic import collate_panoptic
-    from .tasks.semantic import collate_semantic
+    from ..data.collate import collate_panoptic, collate_semantic
+    from ..data.semantic import IGNORE_INDEX
 
     dataset = data._dataset(train=False)
     index = torch.linspace(0, len(dataset) - 1, count).long().tolist()
@@ -724,3 +725,61 @@ def plot_maps(task, data, path: Path, panoptic: bool, count: int = 6) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "demo",
+        help="generate the shapes dataset, train ClusterFormer-Nano on the CPU, evaluate it and write a report",
+        description="The main job on the embedded data: make-shapes into OUT/data, train clusterformer_nano on "
+        "each task in turn (classification of the shape crops, then detection, instance, semantic and panoptic "
+        "segmentation from the classifier's encoder), evaluate every model before and after training, and write "
+        "OUT/report (metrics.json, report.md, a training curve and a picture of predictions per task). Checkpoints "
+        "and logs go to OUT/<task>; OUT/demo.json records the options and each finished stage. A folder holding a "
+        "demo run with other options, or other files, is refused unless --overwrite. SIGTERM or SIGINT stop the "
+        "run with status 128 + the signal's number (143, 130), naming the stage that was stopped; the finished "
+        "stages are kept, and --resume continues from the first unfinished one.",
+    )
+    parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a smaller dataset and fewer epochs (about 4 minutes on 2 CPU cores)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
+    earlier = parser.add_mutually_exclusive_group()
+    earlier.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what an earlier demo run wrote to --out; without it, a folder holding a demo run with other "
+        "options (or other files) is refused, a finished run with the same options is replaced file by file, and "
+        "an unfinished one is refused (see --resume)",
+    )
+    earlier.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted demo run in --out (same options): the stages that it finished (recorded in "
+        "OUT/demo.json, their checkpoints, pictures and metrics there) are loaded, not trained again; the "
+        "others run from their start",
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        run_demo(
+            args.out,
+            quick=args.quick,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            resume=args.resume,
+        )
+    except FileExistsError as error:  # an output folder holding something else; refused before any work
+        print(f"clusterformer demo: error: {error}", file=sys.stderr)
+        return 2
+    except DemoInterrupted as interruption:  # SIGTERM / SIGINT: which stage stopped, and how to go on
+        print(f"clusterformer demo: {interruption}", file=sys.stderr)
+        return interruption.exit_code
+    return 0

@@ -27,17 +27,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import pictures
-from .data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb
-from .outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
-from .registry import TASKS as TASK_SPECS
+from .. import pictures
+from ..data.images import IMAGE_SUFFIXES, ImageReadError, load_rgb
+from ..outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
+from ..registry import TASKS as TASK_SPECS
+from ..weights import TaskModel, load_task_model
 
 TASKS = tuple(TASK_SPECS)  # the task names
 DEFAULT_SCORE_THRESHOLD = 0.5  # detection / instance overlays
@@ -120,60 +121,10 @@ def read_class_names(path: str | Path) -> list[str]:
     return names
 
 
-# --- the model --------------------------------------------------------------------------------------------------
-@dataclass
-class TaskModel:
-    """A task module with what predictions need from its checkpoint.
-
-    ``classes``: a name per label; ``categories``: COCO category dicts per label (``id``, ``name``, ``isthing``);
-    ``data``: the data module's hyperparameters stored with the checkpoint (test sizes), ``{}`` if none."""
-
-    task: str
-    module: torch.nn.Module
-    classes: list[str]
-    categories: list[dict]
-    data: dict = field(default_factory=dict)
-
-    @property
-    def colours(self) -> np.ndarray:
-        return pictures.class_colours(len(self.classes), self.categories)
-
-
-def load_task_model(
-    task: str | None, checkpoint_path: str | Path, class_names: Sequence[str] | None = None
-) -> TaskModel:
-    """Rebuild the task module of a Lightning checkpoint (``weights.task_from_checkpoint``: weights only,
-    never code), with its class names (``class_names`` overrides those stored in the checkpoint) and data
-    settings. A checkpoint of another task than ``task`` (``None``: any) is an error."""
-    from .tasks.dataset_info import CATEGORIES_KEY, CLASSES_KEY
-    from .weights import checkpoint_task, load_checkpoint, task_from_checkpoint
-
-    path = Path(checkpoint_path)
-    checkpoint = load_checkpoint(path)  # names and data settings; the task is checked before building the model
-    found = checkpoint_task(checkpoint, path)
-    if task is not None and found != task:
-        raise PredictError(f"{path}: a {found} checkpoint, not {task} (use --task {found})")
-    _, module = task_from_checkpoint(path, found)
-    hparams = dict(module.hparams)
-    num_classes = int(hparams["num_classes"])
-    stored = checkpoint.get(CATEGORIES_KEY) or []
-    categories = [dict(c) for c in stored] if len(stored) == num_classes else []
-    names = list(class_names or checkpoint.get(CLASSES_KEY) or [c.get("name") for c in categories])
-    if class_names is not None and len(names) != num_classes:
-        raise PredictError(f"{len(names)} class names given but the checkpoint {path} has {num_classes} classes")
-    if len(names) != num_classes or not all(names):
-        names = [f"class {i}" for i in range(num_classes)]
-    if not categories:  # COCO category ids: label + 1
-        things = hparams.get("num_things", num_classes)
-        categories = [{"id": i + 1, "name": names[i], "isthing": int(i < things)} for i in range(num_classes)]
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    return TaskModel(found, module.eval(), names, categories, dict(data))
-
-
 def eval_transform(model: TaskModel, size: int | None = None):
     """The test transform of the checkpoint's data (``size`` overrides the classification crop or the dense
     shorter side): classification resize + centre crop; dense tasks resize of the shorter side."""
-    from .data import transforms
+    from ..data import transforms
 
     if not TASK_SPECS[model.task].dense:
         cfg = getattr(getattr(model.module, "model", None), "pretrained_cfg", None) or {}
@@ -197,7 +148,7 @@ def predict_images(model: TaskModel, images: Sequence[Image.Image], transform, d
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from .tasks.sets import pad_batch
+    from ..data.collate import pad_batch
 
     spec = TASK_SPECS[model.task]
     if not spec.dense:
@@ -419,7 +370,7 @@ class SetWriter(Writer):
         self.results = []
 
     def add(self, item, image, result):
-        from .metrics.coco import to_coco_results
+        from ..metrics.coco import to_coco_results
 
         super().add(item, image, result)
         category_ids = [int(c["id"]) for c in self.model.categories]
@@ -522,7 +473,7 @@ class PanopticWriter(Writer):
         self.annotations = []
 
     def add(self, item, image, result):
-        from .metrics.panoptic import write_panoptic
+        from ..metrics.panoptic import write_panoptic
 
         super().add(item, image, result)
         ids = result["ids"].numpy()
@@ -649,7 +600,7 @@ def run_predict(
     return summary
 
 
-def add_predict_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "predict",
         help="predict image files with a task checkpoint; write overlays and COCO / PNG results "
@@ -689,11 +640,11 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--image-ids", help="COCO JSON whose 'images' give the image ids by file name (default: numeric stems, or 1..N)"
     )
-    parser.set_defaults(func=_predict)
+    parser.set_defaults(func=run)
     return parser
 
 
-def _predict(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         names = read_class_names(args.class_names) if args.class_names else None
         summary = run_predict(

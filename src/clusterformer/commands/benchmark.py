@@ -13,7 +13,7 @@ Model names (``build``):
   ``mask2former_swin_{tiny,small}`` (80 classes; ``_panoptic`` appended: 133) and ``detr_swin_{tiny,small}``.
 
 Runtimes: ``NAME@compile`` (``torch.compile``, inductor) and ``NAME@onnxruntime`` (the model exported to ONNX
-by ``clusterformer.export``, run by onnxruntime's CPU provider with as many threads as torch) measure the same
+by ``clusterformer.commands.export``, run by onnxruntime's CPU provider with as many threads as torch) measure the same
 network's inference; their peer is ``NAME`` in PyTorch eager mode (``clusterformer benchmark --onnx``).
 
 Dense models and runtime variants are measured for inference only.
@@ -21,6 +21,7 @@ Dense models and runtime variants are measured for inference only.
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing as mp
 import os
@@ -28,14 +29,16 @@ import platform
 import re
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .data.images import ImageSize, image_hw
+from ..data.images import ImageSize, image_hw
 
 DEFAULT_MODELS = (
     "clusterformer_tiny",
@@ -208,7 +211,7 @@ def build(name: str, **model_kwargs) -> torch.nn.Module:
     """The model called ``name`` (see the module docstring), random weights; ``model_kwargs`` go to
     ``timm.create_model``, ``build_set_model`` or the transformers config."""
     if match := _CLUSTERFORMER_DENSE.fullmatch(name):
-        from .heads.sets import build_set_model
+        from ..heads.sets import build_set_model
 
         backbone, task = match.groups()
         # panoptic: the mask model with COCO panoptic's 133 classes and the auxiliary semantic head (kMaX-DeepLab's
@@ -473,3 +476,135 @@ def markdown_table(report: dict) -> str:
 def save(report: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+def _img_size(text: str):
+    from ..data.images import parse_img_size
+
+    try:
+        return parse_img_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "benchmark",
+        help="parameters, GMACs, throughput and peak memory next to Swin / Mask2Former / DETR, measured in one run",
+        description="Measure ClusterFormer and its peers in one run: parameters, GMACs per image "
+        "(torch.utils.flop_counter, FLOPs/2), inference and training-step (forward + backward + AdamW) images/s "
+        "and peak memory. Models are interleaved over several rounds, each measurement in a fresh process. "
+        "CPU runs in fp32; CUDA runs with bf16 autocast. --task classification (default): ClusterFormer-T/S next "
+        "to timm's Swin-T/S, batch 8, 224x224. --task dense: the detection, instance and panoptic models of "
+        "ClusterFormer-T next to DETR and Mask2Former with a Swin-T backbone (transformers, random weights; "
+        "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216. "
+        "--onnx: ClusterFormer-T's (or each --models model's) inference in PyTorch eager mode, torch.compile and "
+        "onnxruntime (CPU, the model exported to ONNX), ratios against eager.",
+    )
+    parser.add_argument(
+        "--task",
+        choices=["classification", "dense"],
+        default="classification",
+        help="which default set of models, sizes and batch size (default: classification, or dense when every "
+        "model given with --models is a dense one)",
+    )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        help="model names: timm names, clusterformer_{nano,tiny,small}_{detection,instance,panoptic}, "
+        "mask2former_swin_{tiny,small}, detr_swin_{tiny,small}; NAME@compile or NAME@onnxruntime for another "
+        "runtime, compared with NAME (default: the --task set)",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="inference in eager mode, torch.compile and onnxruntime (CPU) for clusterformer_tiny or the --models "
+        "(needs onnxruntime: pip install 'clusterformer[export]'); no training step",
+    )
+    parser.add_argument("--batch-size", type=int, help="default: 8 (classification), 1 (dense)")
+    parser.add_argument(
+        "--img-size",
+        type=_img_size,
+        action="append",
+        help="N or HxW (e.g. 800x1216); repeat for one table per size (default: 224; dense: 512 and 800x1216)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median is reported")
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
+    )
+    parser.add_argument(
+        "--no-train", action="store_true", help="skip the training-step measurement (dense models never have one)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the first pair of the set (clusterformer_tiny and swin_tiny; dense: clusterformer_tiny_instance and "
+        "mask2former_swin_tiny at 512 only), 1 round of 3 iterations",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="instead of timing, print where the time goes, by operator (CPU)"
+    )
+    parser.add_argument("--json", help="write the full report (all timings) to this JSON file")
+    parser.add_argument("--markdown", help="write the table to this markdown file")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        for name in args.models or ():
+            split_runtime(name)
+    except ValueError as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    # dense defaults (batch 1, 512 and 800x1216) for --task dense or a list of dense models only
+    dense = args.task == "dense" or bool(args.models and all(dense_task(name) for name in args.models))
+    models = args.models or (DENSE_MODELS if dense else DEFAULT_MODELS)
+    if args.quick and not args.models:  # ClusterFormer-T and its peer: instance / Mask2Former, or Swin-T
+        models = DENSE_MODELS[2:4] if dense else DEFAULT_MODELS[:2]
+    if args.onnx:  # each model in eager mode, torch.compile and onnxruntime (ClusterFormer-T by default)
+        models = with_runtimes(args.models or ["clusterformer_tiny"])
+    sizes = args.img_size or (list(DENSE_SIZES[:1] if args.quick else DENSE_SIZES) if dense else [224])
+    batch = args.batch_size or (1 if dense else 8)
+    try:
+        require_transformers(models)
+        if any(split_runtime(name)[1] == "onnxruntime" for name in models):
+            import onnxruntime  # noqa: F401
+    except ImportError as error:
+        if error.name == "onnxruntime":
+            error = "onnxruntime is not installed: pip install 'clusterformer[export]'"
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    if args.profile:
+        for size in sizes:
+            for name in models:
+                for mode in ("infer",) if dense_task(name) or "@" in name else ("infer", "train"):
+                    print(profile_model(name, mode, batch, size))
+        return 0
+    rounds, iters = (1, 3) if args.quick else (args.rounds, args.iters)
+    reports = []
+    for size in sizes:  # one interleaved run and one table per size
+        report = run_benchmark(
+            models=models,
+            batch=batch,
+            img_size=size,
+            rounds=rounds,
+            warmup=args.warmup,
+            iters=iters,
+            device=args.device,
+            amp=args.amp,
+            train=not (args.no_train or args.onnx),
+        )
+        reports.append(report)
+        print(markdown_table(report) + "\n", flush=True)
+    if args.json:  # one size: the report; several: {"reports": [one per size]}
+        save(reports[0] if len(reports) == 1 else {"reports": reports}, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).write_text("\n\n".join(markdown_table(report) for report in reports) + "\n")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    return 0

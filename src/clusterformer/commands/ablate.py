@@ -16,8 +16,10 @@ sub-folder of the output folder.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import time
 import warnings
 from argparse import ArgumentError
@@ -31,7 +33,7 @@ import yaml
 from jsonargparse import Namespace
 from torch.overrides import TorchFunctionMode
 
-from .registry import TASKS
+from ..registry import TASKS
 
 # --- the tables ---------------------------------------------------------------------------------------
 
@@ -289,7 +291,7 @@ def build_row(
     from lightning import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    from .checkpoint_io import use_atomic_checkpoints
+    from ..checkpoint_io import use_atomic_checkpoints
 
     table = check_table(table)
     label, overrides = TABLES[table][row]
@@ -629,3 +631,68 @@ def markdown_table(report: dict) -> str:
         what = "Mask AP in % (pycocotools)" if report["task"] == "instance" else "PQ, PQ of things and of stuff in %"
         notes.append(f"{what}, on the validation split. The adopted design of the paper in bold.")
     return body + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+def _batches(text: str) -> int | float:
+    """Lightning's ``limit_*_batches``: an integer is a number of batches, a fraction a share of them."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of batches or a fraction, got {text!r}") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "ablate",
+        help="train the variants of one of the paper's ablation tables (Table 6a-6f, S1a-S1f) and write the table",
+        description="Train and validate every variant of one part of the paper's Table 6 with the task, data and "
+        "trainer of a LightningCLI config (the file that 'clusterformer fit' takes), same seed for every row, and "
+        "write OUT/table_<id>.md (the paper's layout, parameter counts measured from each model) and "
+        "OUT/table_<id>.json; each row logs and checkpoints into OUT/table_<id>/<row>. 6a components, 6b "
+        "iterations T, 6c center update, 6d head dimension, 6e feature dispatching: a classification config; 6f "
+        "decoder query initialisation: an instance segmentation config; S1a-S1f, the same six parts of the "
+        "supplement's Table S1: a panoptic segmentation config. See docs/training.md, Ablations.",
+    )
+    parser.add_argument("--table", required=True, help="6a, 6b, 6c, 6d, 6e, 6f or S1a ... S1f")
+    parser.add_argument("--config", required=True, help="LightningCLI YAML config of the task and data")
+    parser.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
+    parser.add_argument("--max-epochs", type=int, help="default: the config's trainer.max_epochs")
+    parser.add_argument("--limit-train-batches", type=_batches, help="batches (integer) or share (fraction) per epoch")
+    parser.add_argument("--limit-val-batches", type=_batches, help="batches (integer) or share (fraction)")
+    parser.add_argument("--seed", type=int, help="seed of every row (default: the config's seed_everything, or 0)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config setting, as LightningCLI's --KEY VALUE (repeatable), e.g. "
+        "--set data.init_args.root=/tmp/shapes/imagefolder",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the rows of an earlier run in --out from their checkpoints"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        table = check_table(args.table)
+        run_ablation(
+            table,
+            args.config,
+            args.out,
+            max_epochs=args.max_epochs,
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches,
+            seed=args.seed,
+            config_overrides=args.set or (),
+            resume=args.resume,
+        )
+    except (ValueError, OSError) as error:  # bad table, config or output folder: one line, no traceback
+        print(f"clusterformer ablate: error: {error}", file=sys.stderr)
+        return 2
+    return 0
