@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from clusterformer.cli import main
 from clusterformer.commands.ablate import ADOPTED, LAYOUTS, TABLES, build_row, check_table, table_task
@@ -18,12 +17,7 @@ SMALL_DECODER = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
