@@ -56,9 +56,6 @@ SHOWN = {
     "semantic": ["val/mIoU"],
     "panoptic": ["val/PQ", "val/PQ_th", "val/PQ_st"],
 }
-SET_DECODER = dict(num_queries=20, dim=64, mask_dim=64, num_layers=3, num_heads=4, iterations=3, ffn_dim=256)
-# detection: one query per encoder cluster center (100), each query's first box a cell of a 10 x 10 grid
-DETECTION_DECODER = {**SET_DECODER, "num_queries": 100}
 
 
 def _trainer_kwargs(out: Path) -> dict:
@@ -354,22 +351,39 @@ def _print_change(result: dict, keys: list[str]) -> None:
         print(f"      {key}: {result['untrained'][key]:.3f} -> {result['trained'][key]:.3f}", flush=True)
 
 
+def shapes_recipe(task: str) -> dict:
+    """The ``model`` and ``data`` sections of ``configs/<task>/clusterformer_nano_shapes.yaml`` (shipped with the
+    package), the recipe that the demo's stage of ``task`` starts from."""
+    from importlib import resources
+
+    import yaml
+
+    path = resources.files("clusterformer").joinpath("configs", task, "clusterformer_nano_shapes.yaml")
+    return yaml.safe_load(path.read_text())
+
+
+def build_stage(task: str, data_overrides: dict, model_overrides: dict | None = None):
+    """The data module and the task of the demo's stage ``task``: the nano shapes config's ``init_args`` with the
+    demo's ``overrides`` on top (its folder, its image size, its loader workers, ...); the data first, then the
+    task, so that the model's initialisation draws the same random numbers whatever the data module does."""
+    recipe, spec = shapes_recipe(task), TASKS[task]
+    data = spec.data_class(**{**recipe["data"]["init_args"], **data_overrides})
+    module = spec.module_class(**{**recipe["model"]["init_args"], **(model_overrides or {})})
+    return module, data
+
+
 def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    ClassificationTask, ImageFolderData = TASKS["classification"].module_class, TASKS["classification"].data_class
-
     L.seed_everything(seed, verbose=False)
-    data = ImageFolderData(
-        str(out / "data" / "imagefolder"), img_size=64, eval_resize=64, batch_size=64, num_workers=num_workers,
-        crop_scale=(0.6, 1.0), randaugment=False, random_erasing=0.0,
-    )  # fmt: skip
     # the token-average head (docs/architecture.md, "Classification head"): on 64-pixel crops the last stage has
     # 2 x 2 tokens and the paper's center head, which leaves the last block's dispatching and MLP unread, learns slower
-    task = ClassificationTask(
-        "clusterformer_nano", num_classes=data.num_classes, lr=1e-3, warmup_epochs=0.5, model_kwargs={"head": "tokens"}
+    task, data = build_stage(
+        "classification",
+        {"root": str(out / "data" / "imagefolder"), "num_workers": num_workers},
+        {"model_kwargs": {"head": "tokens"}},
     )
     common = _trainer_kwargs(out / "classification")
     untrained = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, **common)
@@ -428,21 +442,12 @@ def run_sets(
     """Train and evaluate the detection (``kind="detection"``) or instance model of the demo."""
     import lightning as L
 
-    SetTask, CocoData = TASKS[kind].module_class, TASKS[kind].data_class
-
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
     masks = kind == "instance"
-    data = CocoData(
-        str(out / "data"), "images/train", "annotations/instances_train.json", "images/val",
-        "annotations/instances_val.json", masks=masks, crop=size, scale_range=(0.5, 1.5), test_shorter_side=size,
-        batch_size=8, num_workers=num_workers,
-    )  # fmt: skip
-    task = SetTask(
-        kind, "clusterformer_nano", num_classes=data.num_classes, decoder=SET_DECODER if masks else DETECTION_DECODER,
-        loss={"num_points": 1024} if masks else None, lr=1e-4 if masks else 2e-4, backbone_lr_mult=1.0,
-        warmup_steps=20, lr_milestones=(0.9,),
-    )  # fmt: skip
+    data_overrides = {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers}
+    # the instance model at a third of its config's lr: the demo's shorter schedule
+    task, data = build_stage(kind, data_overrides, {"lr": 1e-4} if masks else None)
     _load_encoder(task, encoder_state)
     epochs = preset["set_epochs" if masks else "detection_epochs"]
     keys = ["val/segm_AP50", "val/bbox_AP50"] if masks else ["val/bbox_AP50"]
@@ -454,17 +459,12 @@ def run_sets(
 def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
     import lightning as L
 
-    SemanticTask, SemanticData = TASKS["semantic"].module_class, TASKS["semantic"].data_class
-
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
-    data = SemanticData(
-        str(out / "data"), "images/train", "semantic/train", "images/val", "semantic/val", num_classes=7, crop=size,
-        scale_range=(0.5, 1.5), test_shorter_side=size, batch_size=8, num_workers=num_workers,
-    )  # fmt: skip
-    decoder = {k: v for k, v in SET_DECODER.items() if k != "num_queries"}
-    task = SemanticTask("clusterformer_nano", num_classes=7, decoder=decoder, loss={"num_points": 1024}, lr=1e-3,
-                        backbone_lr_mult=1.0, warmup_steps=20, lr_milestones=(0.9,))  # fmt: skip
+    task, data = build_stage(
+        "semantic",
+        {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers},
+    )
     _load_encoder(task, encoder_state)
     result = fit_and_evaluate("semantic", task, data, out, preset["semantic_epochs"], ["val/mIoU"])
     plot_maps(task, data, out / "report" / "semantic_predictions.png", panoptic=False)
@@ -474,21 +474,14 @@ def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_s
 def run_panoptic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
     import lightning as L
 
-    PanopticTask, PanopticData = TASKS["panoptic"].module_class, TASKS["panoptic"].data_class
-
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
-    data = PanopticData(
-        str(out / "data"), "images/train", "annotations/panoptic_train.json", "annotations/panoptic_train",
-        "images/val", "annotations/panoptic_val.json", "annotations/panoptic_val", crop=size, scale_range=(0.5, 1.5),
-        test_shorter_side=size, batch_size=8, num_workers=num_workers,
-    )  # fmt: skip
-    # the encoder at a tenth of the lr, as Mask2Former and the COCO configs: at the full lr the encoder's stages
-    # 3-4 drift back to a uniform assignment (docs/architecture.md, "Does it cluster?")
-    task = PanopticTask(
-        "clusterformer_nano", num_classes=7, num_things=4, decoder=SET_DECODER, loss={"num_points": 1024}, lr=1e-3,
-        backbone_lr_mult=0.1, warmup_steps=20, lr_milestones=(0.9,), score_threshold=0.5,
-    )  # fmt: skip
+    # the config's encoder at a tenth of the lr, as Mask2Former and the COCO configs: at the full lr the encoder's
+    # stages 3-4 drift back to a uniform assignment (docs/architecture.md, "Does it cluster?")
+    task, data = build_stage(
+        "panoptic",
+        {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers},
+    )
     _load_encoder(task, encoder_state)
     result = fit_and_evaluate("panoptic", task, data, out, preset["panoptic_epochs"], ["val/PQ", "val/mIoU_pan"])
     plot_maps(task, data, out / "report" / "panoptic_predictions.png", panoptic=True)
