@@ -276,10 +276,10 @@ def run_demo(
     }
     runners = {
         "classification": lambda: run_classification(out, preset, seed, num_workers)[0],
-        "detection": lambda: run_sets(out, preset, seed, num_workers, dense_encoder(), "detection"),
-        "instance": lambda: run_sets(out, preset, seed, num_workers, dense_encoder(), "instance"),
-        "semantic": lambda: run_semantic(out, preset, seed, num_workers, dense_encoder()),
-        "panoptic": lambda: run_panoptic(out, preset, seed, num_workers, dense_encoder()),
+        **{
+            kind: lambda kind=kind: run_dense(kind, out, preset, seed, num_workers, dense_encoder())
+            for kind in DENSE_STAGES
+        },
     }
     current = 1
     start = time.perf_counter()
@@ -436,55 +436,36 @@ def _load_encoder(task, encoder_state: dict | None) -> None:
         )
 
 
-def run_sets(
-    out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None, kind: str = "instance"
-) -> dict:
-    """Train and evaluate the detection (``kind="detection"``) or instance model of the demo."""
-    import lightning as L
-
-    L.seed_everything(seed, verbose=False)
-    size = preset["size"]
-    masks = kind == "instance"
-    data_overrides = {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers}
+# per dense stage: the preset's epochs, the validation metrics of its curve, the demo's overrides of the config's
+# task options, and its picture of predictions
+DENSE_STAGES = {
+    "detection": ("detection_epochs", ["val/bbox_AP50"], {}, "instances"),
     # the instance model at a third of its config's lr: the demo's shorter schedule
-    task, data = build_stage(kind, data_overrides, {"lr": 1e-4} if masks else None)
-    _load_encoder(task, encoder_state)
-    epochs = preset["set_epochs" if masks else "detection_epochs"]
-    keys = ["val/segm_AP50", "val/bbox_AP50"] if masks else ["val/bbox_AP50"]
-    result = fit_and_evaluate(kind, task, data, out, epochs, keys)
-    plot_instances(task, data, out / "report" / f"{kind}_predictions.png")
-    return result
+    "instance": ("set_epochs", ["val/segm_AP50", "val/bbox_AP50"], {"lr": 1e-4}, "instances"),
+    "semantic": ("semantic_epochs", ["val/mIoU"], {}, "maps"),
+    # the panoptic config's encoder trains at a tenth of the lr, as Mask2Former and the COCO configs: at the full lr
+    # the encoder's stages 3-4 drift back to a uniform assignment (docs/architecture.md, "Does it cluster?")
+    "panoptic": ("panoptic_epochs", ["val/PQ", "val/mIoU_pan"], {}, "maps"),
+}
 
 
-def run_semantic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+def run_dense(kind: str, out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
+    """Train and evaluate the demo's ``kind`` model (detection, instance, semantic, panoptic), started from the
+    classifier's encoder ``encoder_state``."""
     import lightning as L
 
+    epochs_key, keys, model_overrides, picture = DENSE_STAGES[kind]
     L.seed_everything(seed, verbose=False)
     size = preset["size"]
-    task, data = build_stage(
-        "semantic",
-        {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers},
-    )
+    data_overrides = {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers}
+    task, data = build_stage(kind, data_overrides, model_overrides)
     _load_encoder(task, encoder_state)
-    result = fit_and_evaluate("semantic", task, data, out, preset["semantic_epochs"], ["val/mIoU"])
-    plot_maps(task, data, out / "report" / "semantic_predictions.png", panoptic=False)
-    return result
-
-
-def run_panoptic(out: Path, preset: dict, seed: int, num_workers: int, encoder_state: dict | None) -> dict:
-    import lightning as L
-
-    L.seed_everything(seed, verbose=False)
-    size = preset["size"]
-    # the config's encoder at a tenth of the lr, as Mask2Former and the COCO configs: at the full lr the encoder's
-    # stages 3-4 drift back to a uniform assignment (docs/architecture.md, "Does it cluster?")
-    task, data = build_stage(
-        "panoptic",
-        {"root": str(out / "data"), "crop": size, "test_shorter_side": size, "num_workers": num_workers},
-    )
-    _load_encoder(task, encoder_state)
-    result = fit_and_evaluate("panoptic", task, data, out, preset["panoptic_epochs"], ["val/PQ", "val/mIoU_pan"])
-    plot_maps(task, data, out / "report" / "panoptic_predictions.png", panoptic=True)
+    result = fit_and_evaluate(kind, task, data, out, preset[epochs_key], keys)
+    path = out / "report" / f"{kind}_predictions.png"
+    if picture == "instances":
+        plot_instances(task, data, path)
+    else:
+        plot_maps(task, data, path, panoptic=kind == "panoptic")
     return result
 
 
