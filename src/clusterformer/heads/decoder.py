@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RecurrentClustering
+
+if TYPE_CHECKING:
+    from .denoising import DenoisingQueries
 
 QUERY_INITS = ("encoder", "free")
 QUERY_POSITIONS = ("learnt", "boxes")
@@ -181,20 +185,29 @@ class ClusteringDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def cluster(
-        self, queries: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        blocked: torch.Tensor | None = None,
+        groups: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``queries (B, K, D)`` (position included), ``memory (B, N, D)``, ``memory_pos (N, D)`` ->
         the update ``(B, K, D)`` (the final centers, or for ``m_step="sum"`` their scaled change) and the last
-        assignment ``(B, heads, N, K)``."""
+        assignment ``(B, heads, N, K)``. ``blocked (B, N, K)``: pixel ``n`` may not join query ``k`` (masked
+        attention); ``groups``: sizes of consecutive groups of queries that cluster the pixels each on their own
+        (the denoising queries; ``RecurrentClustering.forward``)."""
         b, k, dim = queries.shape
         n = memory.shape[1]
         heads, d = self.clustering.num_heads, self.clustering.head_dim
         keys, values = self.clustering.project(memory, memory + memory_pos)
         centers0 = queries.view(b, k, heads, d).permute(0, 2, 3, 1).reshape(b * heads, d, k)
+        if blocked is not None:  # the same pixels for every head
+            blocked = blocked[:, None].expand(b, heads, n, k).reshape(b * heads, n, k)
         if self.clustering.em:
-            update, assignments = self.clustering(centers0, keys, values, (n, 1))
+            update, assignments = self.clustering(centers0, keys, values, (n, 1), blocked, groups)
         else:
-            centers, assignments = self.clustering(centers0, keys, values * (k / n), (n, 1))
+            centers, assignments = self.clustering(centers0, keys, values * (k / n), (n, 1), blocked, groups)
             update = centers - centers0
         update = update.view(b, heads, d, k).permute(0, 3, 1, 2).reshape(b, k, dim)
         return update, assignments.view(b, heads, n, k)
@@ -206,17 +219,43 @@ class ClusteringDecoderLayer(nn.Module):
         memory: torch.Tensor,
         memory_pos: torch.Tensor,
         assignments: list | None = None,
+        blocked: torch.Tensor | None = None,
+        groups: Sequence[int] | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``queries (B, K, D)``, ``query_pos (B or 1, K, D)``, ``memory (B, N, D)``, ``memory_pos (N, D)``.
-        The last E-step's assignment ``(B, heads, N, K)`` is appended to ``assignments`` when given."""
-        update, assignment = self.cluster(queries + query_pos, memory, memory_pos)
+        The last E-step's assignment ``(B, heads, N, K)`` is appended to ``assignments`` when given.
+        ``blocked`` and ``groups`` restrict the clustering (``cluster``); ``attn_mask (K, K)``, ``True`` where
+        query ``i`` may not attend to query ``j``, the self-attention."""
+        update, assignment = self.cluster(queries + query_pos, memory, memory_pos, blocked, groups)
         if assignments is not None:
             assignments.append(assignment)
         queries = self.norm1(queries + self.dropout(self.cluster_out(update)))
         q = queries + query_pos
-        attended, _ = self.self_attn(q, q, queries, need_weights=False)
+        attended, _ = self.self_attn(q, q, queries, attn_mask=attn_mask, need_weights=False)
         queries = self.norm2(queries + self.dropout(attended))
         return self.norm3(queries + self.dropout(self.ffn(queries)))
+
+
+def group_attention_mask(groups: Sequence[int], device=None) -> torch.Tensor:
+    """``(K, K)`` booleans for ``groups`` of consecutive queries (``K = sum(groups)``): ``True`` (may not attend)
+    between queries of different groups, so that no group sees another in the self-attention."""
+    owner = torch.repeat_interleave(torch.arange(len(groups), device=device), torch.tensor(list(groups), device=device))
+    return owner[:, None] != owner[None, :]
+
+
+def foreground_blocked(
+    masks: torch.Tensor, hw: tuple[int, int], groups: Sequence[int] | None = None, threshold: float = 0.5
+) -> torch.Tensor:
+    """Masked attention in clustering terms (Mask2Former, §3.2.1): the pixels each query may cluster at the next
+    layer are its predicted foreground. ``masks (B, K, h, w)`` mask logits of the previous prediction -> ``(B, N, K)``
+    booleans on the ``hw`` map (bilinear resize, ``True``: sigmoid below ``threshold``, the pixel is blocked for that
+    query). A pixel that no query of a group claims stays open to the whole group: the E-step's softmax runs over the
+    queries, and a pixel must go somewhere."""
+    resized = F.interpolate(masks.detach().float(), size=hw, mode="bilinear", align_corners=False)
+    blocked = (resized.sigmoid() < threshold).flatten(2).transpose(1, 2)  # (B, N, K)
+    parts = blocked.split(list(groups) if groups is not None else [blocked.shape[-1]], dim=-1)
+    return torch.cat([part & ~part.all(dim=-1, keepdim=True) for part in parts], dim=-1)
 
 
 class ClusteringDecoder(nn.Module):
@@ -234,6 +273,9 @@ class ClusteringDecoder(nn.Module):
             embedding of each query's reference box (``forward``'s ``reference`` and ``predict``).
         m_step: ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1), as the encoder's.
         temperature: of the EM E-step, as the encoder's (``None``: the default).
+        masked_attention: restrict each layer's E-step to each query's foreground as the previous prediction
+            (of the initial queries, for the first layer) gives it: Mask2Former's masked attention in clustering
+            terms (``foreground_blocked``); needs the mask head.
     """
 
     num_levels = 3
@@ -255,8 +297,12 @@ class ClusteringDecoder(nn.Module):
         query_position: str = "learnt",
         m_step: str = "mean",
         temperature: float | None = None,
+        masked_attention: bool = False,
     ):
         super().__init__()
+        if masked_attention and mask_dim is None:
+            raise ValueError("masked_attention needs the mask features (mask_dim)")
+        self.masked_attention = masked_attention
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init must be one of {QUERY_INITS}, got {query_init!r}")
         if query_position not in QUERY_POSITIONS:
@@ -301,22 +347,31 @@ class ClusteringDecoder(nn.Module):
         self,
         features: Sequence[torch.Tensor],
         centers: torch.Tensor | None = None,
-        predict: Callable[..., torch.Tensor | None] | None = None,
+        predict: Callable[..., dict | None] | None = None,
         reference: torch.Tensor | None = None,
+        denoising: DenoisingQueries | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``features``: backbone maps at strides 4/8/16/32; ``centers (B, K_enc, center_dim)``.
 
         ``predict(state, mask_features, assignments, hw)`` is called after every layer with its normalised
-        queries (the task head), the layer's last assignment ``(B, heads, N, Q)`` and its map size; with
-        ``query_position="boxes"`` it returns the boxes ``(B, Q, 4)`` that become the next layer's
-        (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's.
+        queries (the task head), the layer's last assignment ``(B, heads, N, Q)`` and its map size, and returns the
+        layer's prediction (a dict); with ``query_position="boxes"`` its ``boxes (B, Q, 4)`` become the next layer's
+        (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's. With ``masked_attention``
+        it is also called once before the first layer (``assignments`` and ``hw`` ``None``), and each prediction's
+        ``masks`` restrict the next layer's E-step.
 
-        Returns the normalised queries after every layer, each ``(B, Q, D)``, and the mask features
+        ``denoising`` (training only): extra queries appended after the ``Q`` queries, in groups that neither see
+        the others nor are seen by them (the E-step's softmax and the self-attention run group by group), so that
+        the ``Q`` queries' predictions are exactly those of a run without them.
+
+        Returns the normalised queries after every layer, each ``(B, Q [+ denoising], D)``, and the mask features
         ``(B, mask_dim, H/4, W/4)`` (``None`` when ``mask_dim`` is ``None``).
         """
         boxes = self.query_position == "boxes"
         if boxes and (reference is None or predict is None):
             raise ValueError("query_position='boxes' needs the first reference boxes and a predict callback")
+        if self.masked_attention and predict is None:
+            raise ValueError("masked_attention needs a predict callback that returns the masks")
         mask_features, levels = self.pixel_decoder(features)
         memories, positions, sizes = [], [], []
         for i, level in enumerate(levels):
@@ -324,18 +379,36 @@ class ClusteringDecoder(nn.Module):
             sizes.append((h, w))
             memories.append(level.flatten(2).transpose(1, 2))  # (B, N_i, D)
             positions.append(sine_position(h, w, self.dim, level.device, level.dtype) + self.level_embed[i])
-        queries = self.initial_queries(centers, levels[0].shape[0])
+        batch = levels[0].shape[0]
+        queries = self.initial_queries(centers, batch)
         query_pos = None if boxes else self.query_pos.unsqueeze(0)
+        groups = attn_mask = None
+        if denoising is not None:
+            groups = [queries.shape[1]] + [denoising.group_size] * denoising.num_groups
+            attn_mask = group_attention_mask(groups, queries.device)
+            queries = torch.cat([queries.expand(batch, -1, -1), denoising.queries], 1)
+            if boxes:
+                reference = torch.cat([reference.expand(batch, -1, -1), denoising.reference], 1)
+            else:
+                query_pos = torch.cat([query_pos.expand(batch, -1, -1), denoising.query_pos], 1)
+        masks = None
+        if self.masked_attention:
+            masks = predict(self.norm(queries), mask_features, None, None)["masks"]
         states = []
         for i, layer in enumerate(self.layers):
             level = i % self.num_levels
             if boxes:
                 query_pos = self.box_position(box_sine(reference, self.dim))
             assignments = [] if predict is not None else None
-            queries = layer(queries, query_pos, memories[level], positions[level], assignments)
+            blocked = None if masks is None else foreground_blocked(masks, sizes[level], groups)
+            queries = layer(
+                queries, query_pos, memories[level], positions[level], assignments, blocked, groups, attn_mask
+            )
             states.append(self.norm(queries))
             if predict is not None:
                 predicted = predict(states[-1], mask_features, assignments[0], sizes[level])
                 if boxes:
-                    reference = predicted.detach()
+                    reference = predicted["boxes"].detach()
+                if self.masked_attention:
+                    masks = predicted["masks"]
         return states, mask_features

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .decoder import MLP, ClusteringDecoder, cluster_boxes
+from .denoising import Denoiser
 
 BOX_REFERENCES = ("clusters", "refine")
 
@@ -88,7 +89,10 @@ class SetPredictionHead(nn.Module):
 class ClusterFormerSets(nn.Module):
     """Backbone + clustering decoder + set-prediction head (parts passed in, as DETR).
 
-    ``backbone`` is a ``ClusterFormer`` (it must provide ``forward_dense``)."""
+    ``backbone`` is a ``ClusterFormer`` (it must provide ``forward_dense``). With a ``denoiser`` (``Denoiser``) the
+    training forward, given the targets, adds its denoising queries to the decoder and returns their predictions
+    under ``dn`` (same layout, one query per (group, target) slot) with ``dn_indices``, the (query, target) pairs
+    they reconstruct."""
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class ClusterFormerSets(nn.Module):
         head: SetPredictionHead,
         semantic_head: nn.Module | None = None,
         box_reference: str = "refine",
+        denoiser: Denoiser | None = None,
     ):
         super().__init__()
         if box_reference not in BOX_REFERENCES:
@@ -106,23 +111,48 @@ class ClusterFormerSets(nn.Module):
         self.decoder = decoder
         self.head = head
         self.semantic_head = semantic_head
+        self.denoiser = denoiser
 
-    def forward(self, images: torch.Tensor) -> dict:
-        """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring."""
+    def _reference(self, history: list[dict], state, assignments, hw) -> torch.Tensor | None:
+        """The boxes that the head refines for a layer (``None``: the head's learnt first references)."""
+        if self.box_reference == "clusters" and self.head.box_embed is not None and assignments is not None:
+            return cluster_boxes(assignments, hw)  # the box of the query's cluster, gradient included
+        # every layer but the first refines the previous layer's (detached) boxes
+        return history[-1]["boxes"].detach() if history and "boxes" in history[-1] else None
+
+    def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
+        """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring. ``targets``
+        (training, with a denoiser): the batch's targets, from which the denoising queries are built."""
         features, centers = self.backbone.forward_dense(images)
-        outputs = []
+        denoising = None
+        if self.denoiser is not None and self.training and targets is not None:
+            denoising = self.denoiser(targets)
+        num_queries = self.decoder.num_queries
+        outputs, dn_outputs = [], []
 
-        def predict(state, mask_features, assignments, hw) -> torch.Tensor | None:
-            if self.box_reference == "clusters" and self.head.box_embed is not None:
-                reference = cluster_boxes(assignments, hw)  # the box of the query's cluster, gradient included
-            else:  # every layer but the first refines the previous layer's (detached) boxes
-                reference = outputs[-1]["boxes"].detach() if outputs and "boxes" in outputs[-1] else None
-            outputs.append(self.head(state, mask_features, reference))
-            return outputs[-1].get("boxes")
+        def predict(state, mask_features, assignments, hw) -> dict:
+            if denoising is None:
+                outputs.append(self.head(state, mask_features, self._reference(outputs, state, assignments, hw)))
+                return outputs[-1]
+            # the matching queries exactly as without denoising; the denoising queries refine their noised boxes
+            matching = assignments[:, :, :, :num_queries] if assignments is not None else None
+            outputs.append(
+                self.head(state[:, :num_queries], mask_features, self._reference(outputs, None, matching, hw))
+            )
+            reference = dn_outputs[-1]["boxes"].detach() if dn_outputs and "boxes" in dn_outputs[-1] else None
+            if reference is None and self.head.box_embed is not None:
+                reference = denoising.reference
+            dn_outputs.append(self.head(state[:, num_queries:], mask_features, reference))
+            return {key: torch.cat([outputs[-1][key], dn_outputs[-1][key]], 1) for key in outputs[-1]}
 
-        first = self.head.reference.sigmoid().unsqueeze(0) if self.decoder.query_position == "boxes" else None
-        _, mask_features = self.decoder(features, centers, predict, first)
+        first = None
+        if self.decoder.query_position == "boxes":
+            first = self.head.reference.sigmoid().unsqueeze(0)
+        _, mask_features = self.decoder(features, centers, predict, first, denoising)
         final = {**outputs[-1], "aux": outputs[:-1]}
+        if denoising is not None:
+            final["dn"] = {**dn_outputs[-1], "aux": dn_outputs[:-1]}
+            final["dn_indices"] = denoising.indices
         if self.semantic_head is not None and self.training:  # panoptic auxiliary heads (kMaX-DeepLab)
             final["semantic_logits"] = self.semantic_head(mask_features)
             final["pixel_embeddings"] = mask_features
@@ -149,6 +179,10 @@ def build_set_model(
     semantic_head: bool = False,
     m_step: str = "mean",
     temperature: float | None = None,
+    masked_attention: bool = False,
+    denoising: int = 0,
+    dn_label_noise: float = 0.2,
+    dn_box_noise: float = 0.4,
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
 
@@ -160,6 +194,11 @@ def build_set_model(
     ``m_step``: the decoder's clustering, ``"mean"`` (EM reading, default) or ``"sum"`` (Algorithm 1 to the
     letter); the encoder's is ``backbone_kwargs["m_step"]`` (``docs/architecture.md``). ``temperature``: the
     decoder's EM E-step temperature (``None``: the default); the encoder's is ``backbone_kwargs["temperature"]``.
+
+    Convergence accelerators (``docs/heads.md``; off by default, the paper's decoder): ``masked_attention``
+    restricts each decoder layer's E-step to each query's foreground in the previous layer's masks (Mask2Former;
+    models with masks); ``denoising`` adds that many groups of denoising queries in training (DN-DETR / DINO /
+    Mask DINO, ``heads.denoising``), with labels flipped at ``dn_label_noise`` and boxes moved by ``dn_box_noise``.
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
     (e.g. ``drop_path_rate``, or
@@ -185,6 +224,7 @@ def build_set_model(
         query_position=query_position,
         m_step=m_step,
         temperature=temperature,
+        masked_attention=masked_attention,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")
@@ -196,4 +236,5 @@ def build_set_model(
     if semantic_head and not masks:
         raise ValueError("semantic_head needs the mask features (masks=True)")
     semantic = nn.Conv2d(mask_dim, num_classes, 1) if semantic_head else None
-    return ClusterFormerSets(encoder, decoder, head, semantic, box_reference)
+    denoiser = Denoiser(num_classes, dim, denoising, dn_label_noise, dn_box_noise) if denoising else None
+    return ClusterFormerSets(encoder, decoder, head, semantic, box_reference, denoiser)

@@ -32,6 +32,8 @@ Two readings of the M-step (``m_step``), see ``docs/architecture.md``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,7 +242,13 @@ class RecurrentClustering(nn.Module):
         return keys, values
 
     def forward(
-        self, centers: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, hw: tuple[int, int]
+        self,
+        centers: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        hw: tuple[int, int],
+        blocked: torch.Tensor | None = None,
+        groups: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``iterations`` E/M steps.
 
@@ -248,6 +256,10 @@ class RecurrentClustering(nn.Module):
             centers: initial centers, transposed, ``(S, d, K)``.
             keys: ``(S, N, d)``; values: ``(S, d, N)``.
             hw: the token grid ``(H, W)``, ``H * W = N`` (not used here; the comparators' signature).
+            blocked: ``(S, N, K)`` booleans, ``True`` where token ``n`` may not join cluster ``k`` (the decoder's
+                masked attention); every token must stay open to at least one cluster of each group.
+            groups: sizes of consecutive groups of clusters that split the tokens each on their own (the E-step's
+                softmax runs within each group; default one group): the decoder's denoising queries.
 
         Returns:
             the updated centers ``(S, d, K)`` and the last assignment ``(S, N, K)`` (``None`` when
@@ -256,19 +268,25 @@ class RecurrentClustering(nn.Module):
         if self.update == "none":
             return centers, None
         if self.em:
-            return self._em(centers, keys, values)
+            return self._em(centers, keys, values, blocked, groups)
         # the 1/sqrt(d) of scaled dot-product attention, folded into the (shared) query projection
         q_weight = (self.q.weight * self.scale).expand(centers.shape[0], -1, -1)
         q_bias = (self.q.bias * self.scale)[:, None]
         assignments = None
         for _ in range(self.iterations):
             queries = torch.baddbmm(q_bias, q_weight, centers)  # (S, d, K), same weights every time
-            assignments = self.assign(queries, keys)  # E-step
+            assignments = self.assign(queries, keys, blocked, groups)  # E-step
             centers = torch.baddbmm(centers, values, assignments)  # M-step: C <- C + M V
         return centers, assignments
 
     def _em(
-        self, centers: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, eps: float = 1e-6
+        self,
+        centers: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        blocked: torch.Tensor | None = None,
+        groups: Sequence[int] | None = None,
+        eps: float = 1e-6,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``m_step="mean"``: E-step on layer-normalised queries and keys; M-step = weighted mean of the values (a
         cluster that receives no mass keeps its center: ``eps`` of it is mixed in). Inside, the centers are kept
@@ -284,19 +302,30 @@ class RecurrentClustering(nn.Module):
         assignments = None
         for _ in range(self.iterations):
             queries = F.layer_norm(self.q(centers), (d,), gain, shift)  # (S, K, d)
-            assignments = self.assign(queries.transpose(1, 2), keys)  # E-step, (S, N, K)
+            assignments = self.assign(queries.transpose(1, 2), keys, blocked, groups)  # E-step, (S, N, K)
             mass = assignments.sum(dim=1).unsqueeze(-1)  # (S, K, 1)
             summed = torch.baddbmm(centers, assignments.transpose(1, 2), values, beta=eps)  # eps C + M^T V
             centers = summed / (mass + eps)  # M-step
         return centers.transpose(1, 2), assignments
 
-    def assign(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def assign(
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        blocked: torch.Tensor | None = None,
+        groups: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """E-step: queries ``(S, d, K)`` (already scaled by ``1/sqrt(d)``) and keys ``(S, N, d)`` ->
-        assignment ``(S, N, K)``."""
+        assignment ``(S, N, K)``; ``blocked`` and ``groups`` as in ``forward``."""
         logits = torch.bmm(keys, queries)  # (S, N, K)
+        if blocked is not None:
+            logits = logits.masked_fill(blocked, float("-inf"))
+        parts = [logits] if groups is None else logits.split(list(groups), dim=-1)
         if self.update == "recurrent":
-            return logits.softmax(dim=-1)  # over the clusters: each token's row sums to 1
-        return torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)  # kmeans
+            assigned = [part.softmax(dim=-1) for part in parts]  # over the clusters: each token's row sums to 1
+        else:  # kmeans
+            assigned = [torch.zeros_like(part).scatter_(-1, part.argmax(dim=-1, keepdim=True), 1.0) for part in parts]
+        return assigned[0] if len(assigned) == 1 else torch.cat(assigned, dim=-1)
 
 
 def assignment_maps(assignments: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:

@@ -10,8 +10,9 @@ processes, at least 1):
 * ``loss_mask`` (sigmoid cross-entropy) and ``loss_dice`` on ``num_points`` points per matched mask, chosen
   by Mask2Former's uncertainty-based importance sampling.
 
-The same terms are computed on every auxiliary decoder layer, suffixed ``_0``, ``_1``, ... All losses are
-computed in float32 with autocast off.
+The same terms are computed on every auxiliary decoder layer, suffixed ``_0``, ``_1``, ...; those of the
+denoising queries (``heads.denoising``), when the outputs have them, are suffixed ``_dn`` (and ``_dn_0``, ...). All
+losses are computed in float32 with autocast off.
 """
 
 from __future__ import annotations
@@ -194,6 +195,24 @@ class SetCriterion(nn.Module):
             losses.update(getattr(self, f"loss_{name}")(outputs, targets, indices, num_targets))
         return losses
 
+    def denoising_losses(self, outputs: dict, targets: list[dict], num_targets) -> dict[str, torch.Tensor]:
+        """The ``labels`` / ``boxes`` / ``masks`` terms of the denoising queries (``outputs["dn"]``, every layer),
+        each query paired with the target it was made from (``outputs["dn_indices"]``; the padding queries are
+        background), named ``<term>_dn`` and ``<term>_dn_<i>``; divided by the number of (query, target) pairs,
+        so that they weigh as the matching queries' terms whatever the number of groups."""
+        indices = outputs["dn_indices"]
+        pairs = sum(len(query) for query, _ in indices)
+        groups = pairs / max(1, sum(len(t["labels"]) for t in targets))
+        norm = num_targets * max(1.0, groups)
+        names = [name for name in self.losses if name in LOSS_TERMS]
+        dn = outputs["dn"]
+        losses = {}
+        for suffix, layer in [("", dn), *((f"_{i}", aux) for i, aux in enumerate(dn.get("aux", ())))]:
+            for name in names:
+                terms = getattr(self, f"loss_{name}")(layer, targets, indices, norm)
+                losses.update({f"{key}_dn{suffix}": value for key, value in terms.items()})
+        return losses
+
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
         device = outputs["logits"].device
         num_targets = self.num_targets(targets, device)
@@ -201,13 +220,15 @@ class SetCriterion(nn.Module):
             losses = self.layer_losses(outputs, targets, num_targets)
             for i, aux in enumerate(outputs.get("aux", ())):
                 losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_targets).items()})
+            if "dn" in outputs:
+                losses.update(self.denoising_losses(outputs, targets, num_targets))
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum(weight_dict[name without the _i suffix] * value)`` over all terms of ``losses``."""
         total = None
         for name, value in losses.items():
-            base = _LAYER_SUFFIX.sub("", name)
+            base = _LAYER_SUFFIX.sub("", name).removesuffix("_dn")  # denoising terms weigh as the matching ones
             if base not in self.weight_dict:
                 raise KeyError(f"SetCriterion.weighted_total: no weight for loss term {name!r} ({base!r})")
             term = self.weight_dict[base] * value

@@ -219,7 +219,9 @@ class DenseTask(BaseTask):
 
     def training_step(self, batch, batch_idx):
         images, targets = batch
-        losses = self.criterion(self(images), targets)
+        # a model with denoising queries builds them from the targets
+        outputs = self.model(images, targets) if getattr(self.model, "denoiser", None) is not None else self(images)
+        losses = self.criterion(outputs, targets)
         loss = self.criterion.weighted_total(losses)
         check_finite(self, loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))

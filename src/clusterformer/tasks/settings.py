@@ -40,6 +40,11 @@ class DecoderSettings:
         box_reference: what a layer's box refines, ``"refine"`` or ``"clusters"``.
         m_step: the decoder's clustering, ``"mean"`` (EM reading) or ``"sum"`` (Algorithm 1 to the letter).
         temperature: the decoder's EM E-step temperature (``None``: the default).
+        masked_attention: each layer clusters only the pixels of each query's previous mask (Mask2Former's masked
+            attention in clustering terms; models with masks). Goes beyond the paper.
+        denoising: groups of denoising queries in training (0: none; DN-DETR / DINO, Mask DINO for masks).
+            Goes beyond the paper.
+        dn_label_noise, dn_box_noise: the denoising queries' label flip probability and box noise scale.
     """
 
     num_queries: int = 100
@@ -55,6 +60,10 @@ class DecoderSettings:
     box_reference: str = "refine"
     m_step: str = "mean"
     temperature: float | None = None
+    masked_attention: bool = False
+    denoising: int = 0
+    dn_label_noise: float = 0.2
+    dn_box_noise: float = 0.4
 
 
 def as_settings(cls: type[Settings], value: Settings | Mapping[str, Any] | None, option: str) -> Settings:
