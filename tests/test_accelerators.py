@@ -299,3 +299,65 @@ def test_masked_attention_needs_masks_and_a_callback():
         model.decoder(features, centers)
     out = model(torch.randn(1, 3, 64, 64))
     assert len(out["aux"]) == DECODER["num_layers"]  # the initial queries' prediction is supervised too
+
+
+# ---------------------------------------------------------------- query selection
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(boxes=True, num_queries=6),
+        dict(boxes=True, num_queries=6, query_position="boxes", denoising=2),
+        dict(boxes=False, masks=True, num_queries=6, query_init="free", masked_attention=True),
+    ],
+)
+def test_query_selection_starts_from_the_top_scoring_centers(kind):
+    torch.manual_seed(0)
+    decoder = {**DECODER, **{k: v for k, v in kind.items() if k not in ("boxes", "masks")}}
+    model = build_set_model(
+        "clusterformer_nano", num_classes=3, boxes=kind["boxes"], masks=kind.get("masks", False), query_selection=True,
+        **decoder,
+    )  # fmt: skip
+    images = torch.randn(2, 3, 64, 64)
+    _, centers = model.backbone.forward_dense(images)
+    centers = centers + torch.randn_like(centers)  # at 64 px many centers coincide: make the ranking strict
+    proposals, selected, boxes = model.select(centers)
+    state = model.decoder.proposals(centers)
+    assert proposals["logits"].shape == (2, centers.shape[1], 3)
+    scores = proposals["logits"].sigmoid().amax(-1)
+    for b in range(2):
+        order = scores[b].argsort(descending=True)[:6]
+        torch.testing.assert_close(selected[b], state[b, order])
+        if kind["boxes"]:
+            torch.testing.assert_close(boxes[b], proposals["boxes"][b, order])
+    targets = _targets(masks=kind.get("masks", False))
+    out = model.train()(images, targets)
+    assert out["logits"].shape == (2, 6, 3) and out["proposals"]["logits"].shape == (2, centers.shape[1], 3)
+    settings = SetLossSettings(num_points=64) if kind.get("masks") else SetLossSettings()
+    criterion = set_criterion(3, kind["boxes"], kind.get("masks", False), settings)
+    losses = criterion(out, targets)
+    assert "loss_class_enc" in losses and ("loss_giou_enc" in losses) == kind["boxes"]
+    criterion.weighted_total(losses).backward()
+    assert model.decoder.selection_pos.weight.grad.abs().sum() > 0
+    assert model.decoder.center_proj[0].weight.grad.abs().sum() > 0
+
+
+def test_query_selection_follows_the_class_scores():
+    """The queries are the centers that the class head scores highest, best first."""
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, query_selection=True, **{**DECODER, "num_queries": 3})
+
+    class Ranked(torch.nn.Module):  # center j scores j on class 1: the last three centers win, the last first
+        def forward(self, state):
+            ranks = torch.arange(state.shape[1], dtype=state.dtype)[None, :, None]
+            return torch.cat([torch.zeros_like(ranks) - 9, ranks / 20 - 2, torch.zeros_like(ranks) - 9], -1)
+
+    model.head.class_embed = Ranked()
+    _, centers = model.backbone.forward_dense(torch.randn(1, 3, 64, 64))
+    centers = centers + torch.randn_like(centers)  # distinct centers
+    proposals, selected, boxes = model.select(centers)
+    k = centers.shape[1]
+    state = model.decoder.proposals(centers)
+    torch.testing.assert_close(selected, state[:, [k - 1, k - 2, k - 3]])
+    torch.testing.assert_close(boxes, proposals["boxes"][:, [k - 1, k - 2, k - 3]])
+    with pytest.raises(ValueError, match="too many"):
+        build_set_model("clusterformer_nano", num_classes=3, query_selection=True, **{**DECODER, "num_queries": 200})

@@ -276,6 +276,11 @@ class ClusteringDecoder(nn.Module):
         masked_attention: restrict each layer's E-step to each query's foreground as the previous prediction
             (of the initial queries, for the first layer) gives it: Mask2Former's masked attention in clustering
             terms (``foreground_blocked``); needs the mask head.
+        query_selection: the task head scores every encoder center (``proposals``) and the ``num_queries``
+            top-scoring ones start the queries (DINO's / Mask DINO's query selection, from the cluster centers):
+            their projections are the queries' content (``query_init="encoder"``; with ``"free"`` the content is
+            learnt: DINO's mixed selection) and, detached, a term of the queries' positions; ``forward``'s
+            ``selected``.
     """
 
     num_levels = 3
@@ -298,11 +303,15 @@ class ClusteringDecoder(nn.Module):
         m_step: str = "mean",
         temperature: float | None = None,
         masked_attention: bool = False,
+        query_selection: bool = False,
     ):
         super().__init__()
         if masked_attention and mask_dim is None:
             raise ValueError("masked_attention needs the mask features (mask_dim)")
+        if query_selection and num_queries > num_centers:
+            raise ValueError(f"query_selection keeps {num_queries} of the {num_centers} encoder centers: too many")
         self.masked_attention = masked_attention
+        self.query_selection = query_selection
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init must be one of {QUERY_INITS}, got {query_init!r}")
         if query_position not in QUERY_POSITIONS:
@@ -321,9 +330,12 @@ class ClusteringDecoder(nn.Module):
             self.box_position = MLP(2 * dim, dim, dim, 2)
         if query_init == "free":
             self.query_feat = nn.Parameter(torch.zeros(num_queries, dim))
-        else:
+        if query_init == "encoder" or query_selection:
             self.center_proj = nn.Sequential(nn.Linear(center_dim, dim), nn.LayerNorm(dim))
+        if query_init == "encoder" and not query_selection:
             self.center_to_query = nn.Linear(num_centers, num_queries) if num_queries != num_centers else None
+        if query_selection:  # the selected centers' position term (DINO's anchors from the encoder, detached)
+            self.selection_pos = nn.Linear(dim, dim)
         self.layers = nn.ModuleList(
             ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout, m_step, temperature)
             for _ in range(num_layers)
@@ -332,6 +344,11 @@ class ClusteringDecoder(nn.Module):
         nn.init.normal_(self.level_embed, std=0.02)
         if query_init == "free":
             nn.init.normal_(self.query_feat, std=0.02)
+
+    def proposals(self, centers: torch.Tensor) -> torch.Tensor:
+        """``centers (B, K_enc, center_dim)`` -> the projected centers ``(B, K_enc, D)`` that ``query_selection``
+        scores and selects from."""
+        return self.center_proj(centers)
 
     def initial_queries(self, centers: torch.Tensor | None, batch: int) -> torch.Tensor:
         if self.query_init == "free":
@@ -350,6 +367,7 @@ class ClusteringDecoder(nn.Module):
         predict: Callable[..., dict | None] | None = None,
         reference: torch.Tensor | None = None,
         denoising: DenoisingQueries | None = None,
+        selected: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``features``: backbone maps at strides 4/8/16/32; ``centers (B, K_enc, center_dim)``.
 
@@ -363,6 +381,9 @@ class ClusteringDecoder(nn.Module):
         ``denoising`` (training only): extra queries appended after the ``Q`` queries, in groups that neither see
         the others nor are seen by them (the E-step's softmax and the self-attention run group by group), so that
         the ``Q`` queries' predictions are exactly those of a run without them.
+
+        ``selected (B, Q, D)``: with ``query_selection``, the projected encoder centers chosen for the queries
+        (``proposals``), in the queries' order.
 
         Returns the normalised queries after every layer, each ``(B, Q [+ denoising], D)``, and the mask features
         ``(B, mask_dim, H/4, W/4)`` (``None`` when ``mask_dim`` is ``None``).
@@ -380,8 +401,15 @@ class ClusteringDecoder(nn.Module):
             memories.append(level.flatten(2).transpose(1, 2))  # (B, N_i, D)
             positions.append(sine_position(h, w, self.dim, level.device, level.dtype) + self.level_embed[i])
         batch = levels[0].shape[0]
-        queries = self.initial_queries(centers, batch)
-        query_pos = None if boxes else self.query_pos.unsqueeze(0)
+        if self.query_selection:
+            if selected is None:
+                raise ValueError("query_selection needs the selected encoder centers (selected)")
+            queries = selected if self.query_init == "encoder" else self.initial_queries(None, batch)
+            position = self.selection_pos(selected.detach())
+            query_pos = None if boxes else self.query_pos.unsqueeze(0) + position
+        else:
+            queries = self.initial_queries(centers, batch)
+            query_pos = None if boxes else self.query_pos.unsqueeze(0)
         groups = attn_mask = None
         if denoising is not None:
             groups = [queries.shape[1]] + [denoising.group_size] * denoising.num_groups
@@ -399,6 +427,8 @@ class ClusteringDecoder(nn.Module):
             level = i % self.num_levels
             if boxes:
                 query_pos = self.box_position(box_sine(reference, self.dim))
+                if self.query_selection:
+                    query_pos = query_pos + F.pad(position, (0, 0, 0, query_pos.shape[1] - position.shape[1]))
             assignments = [] if predict is not None else None
             blocked = None if masks is None else foreground_blocked(masks, sizes[level], groups)
             queries = layer(

@@ -92,7 +92,8 @@ class ClusterFormerSets(nn.Module):
     ``backbone`` is a ``ClusterFormer`` (it must provide ``forward_dense``). With a ``denoiser`` (``Denoiser``) the
     training forward, given the targets, adds its denoising queries to the decoder and returns their predictions
     under ``dn`` (same layout, one query per (group, target) slot) with ``dn_indices``, the (query, target) pairs
-    they reconstruct."""
+    they reconstruct. With the decoder's ``query_selection`` the output also holds ``proposals``: the class logits
+    (and boxes) of every encoder center, from which the queries were selected (supervised as a decoder layer)."""
 
     def __init__(
         self,
@@ -113,12 +114,30 @@ class ClusterFormerSets(nn.Module):
         self.semantic_head = semantic_head
         self.denoiser = denoiser
 
-    def _reference(self, history: list[dict], state, assignments, hw) -> torch.Tensor | None:
-        """The boxes that the head refines for a layer (``None``: the head's learnt first references)."""
+    def _reference(self, history: list[dict], assignments, hw, first=None) -> torch.Tensor | None:
+        """The boxes that the head refines for a layer (``None``: the head's learnt first references; ``first``: the
+        selected proposals' boxes, for the first prediction)."""
         if self.box_reference == "clusters" and self.head.box_embed is not None and assignments is not None:
             return cluster_boxes(assignments, hw)  # the box of the query's cluster, gradient included
         # every layer but the first refines the previous layer's (detached) boxes
-        return history[-1]["boxes"].detach() if history and "boxes" in history[-1] else None
+        return history[-1]["boxes"].detach() if history and "boxes" in history[-1] else first
+
+    def select(self, centers: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        """Query selection: the class head (and the box head, from the cells of the encoder's pooling grid) on every
+        projected encoder center -> the proposals (``logits``, ``boxes``), the ``Q`` top-scoring projected centers
+        ``(B, Q, D)`` (by their highest class probability) and their boxes ``(B, Q, 4)`` (detached; ``None``
+        without a box head)."""
+        state = self.decoder.proposals(centers)
+        proposals = {"logits": self.head.class_embed(state)}
+        if self.head.box_embed is not None:
+            grid = torch.logit(grid_boxes(state.shape[1]).to(state), eps=1e-5)
+            proposals["boxes"] = (self.head.box_embed(state) + grid).sigmoid()
+        top = proposals["logits"].detach().sigmoid().amax(-1).topk(self.decoder.num_queries, dim=1).indices
+        selected = state.gather(1, top[..., None].expand(-1, -1, state.shape[-1]))
+        boxes = None
+        if "boxes" in proposals:
+            boxes = proposals["boxes"].detach().gather(1, top[..., None].expand(-1, -1, 4))
+        return proposals, selected, boxes
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         """``images (B, 3, H, W)``, ``H`` and ``W`` best multiples of 32 -> see the module docstring. ``targets``
@@ -129,16 +148,19 @@ class ClusterFormerSets(nn.Module):
             denoising = self.denoiser(targets)
         num_queries = self.decoder.num_queries
         outputs, dn_outputs = [], []
+        proposals = selected = first_boxes = None
+        if self.decoder.query_selection:
+            proposals, selected, first_boxes = self.select(centers)
 
         def predict(state, mask_features, assignments, hw) -> dict:
             if denoising is None:
-                outputs.append(self.head(state, mask_features, self._reference(outputs, state, assignments, hw)))
+                reference = self._reference(outputs, assignments, hw, first_boxes)
+                outputs.append(self.head(state, mask_features, reference))
                 return outputs[-1]
             # the matching queries exactly as without denoising; the denoising queries refine their noised boxes
             matching = assignments[:, :, :, :num_queries] if assignments is not None else None
-            outputs.append(
-                self.head(state[:, :num_queries], mask_features, self._reference(outputs, None, matching, hw))
-            )
+            reference = self._reference(outputs, matching, hw, first_boxes)
+            outputs.append(self.head(state[:, :num_queries], mask_features, reference))
             reference = dn_outputs[-1]["boxes"].detach() if dn_outputs and "boxes" in dn_outputs[-1] else None
             if reference is None and self.head.box_embed is not None:
                 reference = denoising.reference
@@ -147,9 +169,11 @@ class ClusterFormerSets(nn.Module):
 
         first = None
         if self.decoder.query_position == "boxes":
-            first = self.head.reference.sigmoid().unsqueeze(0)
-        _, mask_features = self.decoder(features, centers, predict, first, denoising)
+            first = self.head.reference.sigmoid().unsqueeze(0) if first_boxes is None else first_boxes
+        _, mask_features = self.decoder(features, centers, predict, first, denoising, selected)
         final = {**outputs[-1], "aux": outputs[:-1]}
+        if proposals is not None:
+            final["proposals"] = proposals
         if denoising is not None:
             final["dn"] = {**dn_outputs[-1], "aux": dn_outputs[:-1]}
             final["dn_indices"] = denoising.indices
@@ -180,6 +204,7 @@ def build_set_model(
     m_step: str = "mean",
     temperature: float | None = None,
     masked_attention: bool = False,
+    query_selection: bool = False,
     denoising: int = 0,
     dn_label_noise: float = 0.2,
     dn_box_noise: float = 0.4,
@@ -197,7 +222,8 @@ def build_set_model(
 
     Convergence accelerators (``docs/heads.md``; off by default, the paper's decoder): ``masked_attention``
     restricts each decoder layer's E-step to each query's foreground in the previous layer's masks (Mask2Former;
-    models with masks); ``denoising`` adds that many groups of denoising queries in training (DN-DETR / DINO /
+    models with masks); ``query_selection`` starts the queries from the top-scoring encoder centers (DINO / Mask
+    DINO's query selection); ``denoising`` adds that many groups of denoising queries in training (DN-DETR / DINO /
     Mask DINO, ``heads.denoising``), with labels flipped at ``dn_label_noise`` and boxes moved by ``dn_box_noise``.
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
@@ -225,6 +251,7 @@ def build_set_model(
         m_step=m_step,
         temperature=temperature,
         masked_attention=masked_attention,
+        query_selection=query_selection,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")

@@ -11,8 +11,9 @@ processes, at least 1):
   by Mask2Former's uncertainty-based importance sampling.
 
 The same terms are computed on every auxiliary decoder layer, suffixed ``_0``, ``_1``, ...; those of the
-denoising queries (``heads.denoising``), when the outputs have them, are suffixed ``_dn`` (and ``_dn_0``, ...). All
-losses are computed in float32 with autocast off.
+denoising queries (``heads.denoising``), when the outputs have them, are suffixed ``_dn`` (and ``_dn_0``, ...), and
+the class (and box) terms of query selection's proposals ``_enc``. All losses are computed in float32 with autocast
+off.
 """
 
 from __future__ import annotations
@@ -222,13 +223,22 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_targets).items()})
             if "dn" in outputs:
                 losses.update(self.denoising_losses(outputs, targets, num_targets))
+            if "proposals" in outputs:  # query selection's scores of the encoder centers, matched as a layer
+                proposals = outputs["proposals"]
+                wanted = ("labels", "boxes") if "boxes" in proposals else ("labels",)
+                names = [name for name in wanted if name in self.losses]
+                indices = self.matcher(proposals, targets)
+                for name in names:
+                    terms = getattr(self, f"loss_{name}")(proposals, targets, indices, num_targets)
+                    losses.update({f"{key}_enc": value for key, value in terms.items()})
         return losses
 
     def weighted_total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """``sum(weight_dict[name without the _i suffix] * value)`` over all terms of ``losses``."""
         total = None
         for name, value in losses.items():
-            base = _LAYER_SUFFIX.sub("", name).removesuffix("_dn")  # denoising terms weigh as the matching ones
+            # the denoising and proposal terms weigh as the matching queries' ones
+            base = _LAYER_SUFFIX.sub("", name).removesuffix("_dn").removesuffix("_enc")
             if base not in self.weight_dict:
                 raise KeyError(f"SetCriterion.weighted_total: no weight for loss term {name!r} ({base!r})")
             term = self.weight_dict[base] * value

@@ -42,6 +42,8 @@ class DecoderSettings:
         temperature: the decoder's EM E-step temperature (``None``: the default).
         masked_attention: each layer clusters only the pixels of each query's previous mask (Mask2Former's masked
             attention in clustering terms; models with masks). Goes beyond the paper.
+        query_selection: the queries start from the top-scoring encoder cluster centers (DINO / Mask DINO's query
+            selection; the centers' class scores are supervised). Goes beyond the paper.
         denoising: groups of denoising queries in training (0: none; DN-DETR / DINO, Mask DINO for masks).
             Goes beyond the paper.
         dn_label_noise, dn_box_noise: the denoising queries' label flip probability and box noise scale.
@@ -61,6 +63,7 @@ class DecoderSettings:
     m_step: str = "mean"
     temperature: float | None = None
     masked_attention: bool = False
+    query_selection: bool = False
     denoising: int = 0
     dn_label_noise: float = 0.2
     dn_box_noise: float = 0.4
