@@ -231,6 +231,16 @@ def _clusterformer_cli():
             if check_data is not None and self.datamodule is not None:
                 check_data(self.datamodule)
 
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            # into a log (not a terminal), one line per epoch instead of Lightning's progress bar (progress.py);
+            # LightningCLI's (private) step where the config's trainer settings and callbacks are all at hand
+            from .progress import progress_callbacks
+
+            configured = config.get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            extra = progress_callbacks(config.get("enable_progress_bar"), [*configured, *callbacks])
+            return super()._instantiate_trainer(config, [*callbacks, *extra])
+
         def before_fit(self) -> None:
             from .checkpoint_io import use_atomic_checkpoints
 
@@ -266,6 +276,7 @@ def run_lightning(argv: list[str]) -> int:
     import lightning as L
 
     from .config_errors import bad_input_message
+    from .progress import quiet_lightning
 
     verbose = VERBOSE in argv[1:]
     command, args = argv[0], [arg for arg in argv[1:] if arg != VERBOSE]
@@ -276,15 +287,16 @@ def run_lightning(argv: list[str]) -> int:
     cli = cli_class.__new__(cli_class)  # made before it runs: its parser and trainer are at hand when it fails
     started = time.time()
     try:
-        cli.__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=[command, *args],
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={**no_exit, **{name: dict(no_exit) for name in LIGHTNING_COMMANDS}},
-        )
+        with quiet_lightning():  # the run's output: its progress and metrics, not Lightning's notes (progress.py)
+            cli.__init__(
+                L.LightningModule,
+                L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=[command, *args],
+                save_config_kwargs={"overwrite": True},
+                parser_kwargs={**no_exit, **{name: dict(no_exit) for name in LIGHTNING_COMMANDS}},
+            )
     except Exception as error:
         parser = getattr(cli, "_subcommand_parsers", {}).get(command)
         error = _subcommand_error(error, parser, args)

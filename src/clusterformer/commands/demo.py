@@ -59,10 +59,21 @@ SHOWN = {
 
 
 def _trainer_kwargs(out: Path) -> dict:
+    """The settings of the demo's trainers; those that train add :func:`_callbacks`' callbacks."""
     from ..checkpoint_io import AtomicCheckpointIO
 
     return dict(accelerator="cpu", devices=1, default_root_dir=str(out), enable_model_summary=False,
                 plugins=[AtomicCheckpointIO()])  # fmt: skip
+
+
+def _callbacks(checkpoints: Path) -> list:
+    """A training trainer's callbacks: ``last.ckpt`` in ``checkpoints``, and into a log one line per epoch
+    instead of the progress bar, under the stage's line (:func:`clusterformer.progress.progress_callbacks`)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ..progress import progress_callbacks
+
+    return [ModelCheckpoint(dirpath=str(checkpoints), save_last=True), *progress_callbacks(prefix="      ")]
 
 
 # what the demo writes into its folder: removed by --overwrite
@@ -245,6 +256,7 @@ def run_demo(
 
     from ..data import make_shapes
     from ..outputs import write_json
+    from ..progress import on_terminal, quiet_lightning
 
     preset = {**PRESETS["quick" if quick else "full"], **overrides}
     out = Path(out)
@@ -283,7 +295,7 @@ def run_demo(
     }
     current = 1
     start = time.perf_counter()
-    with _signals_raise(lambda signum: DemoInterrupted(out, current, signum)):
+    with _signals_raise(lambda signum: DemoInterrupted(out, current, signum)), quiet_lightning():
         try:
             for current, name in enumerate(STAGE_NAMES, start=1):
                 if name in kept:
@@ -294,7 +306,8 @@ def run_demo(
                 print(f"[{current}/{STAGES}] {texts[name]}", flush=True)
                 began = time.perf_counter()
                 if name == "data":
-                    make_shapes(out / "data", seed, preset["num_train"], preset["num_val"], preset["size"])
+                    make_shapes(out / "data", seed, preset["num_train"], preset["num_val"], preset["size"],
+                                progress=on_terminal(sys.stderr))  # fmt: skip
                     entry = {}
                 else:
                     shutil.rmtree(out / name, ignore_errors=True)  # what an unfinished run of the stage left
@@ -374,7 +387,6 @@ def build_stage(task: str, data_overrides: dict, model_overrides: dict | None = 
 
 def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     L.seed_everything(seed, verbose=False)
@@ -391,7 +403,7 @@ def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
     logger = CSVLogger(str(out / "classification"), name="logs", version="")
     trainer = L.Trainer(
         max_epochs=preset["epochs"], logger=logger, log_every_n_steps=5,
-        callbacks=[ModelCheckpoint(dirpath=str(out / "classification" / "checkpoints"), save_last=True)], **common,
+        callbacks=_callbacks(out / "classification" / "checkpoints"), **common,
     )  # fmt: skip
     trainer.fit(task, data)
     after = trainer.validate(task, data, verbose=False)[0]
@@ -406,7 +418,6 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
     """Validate ``task`` untrained, train it for ``epochs`` (CSV logs and ``last.ckpt`` under ``out/name``),
     validate it again and plot its curve; returns ``{"epochs", "untrained", "trained"}``."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     common = _trainer_kwargs(out / name)
@@ -416,7 +427,7 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
     trainer = L.Trainer(
         max_epochs=epochs, logger=logger, log_every_n_steps=5, gradient_clip_val=1.0,
         check_val_every_n_epoch=max(1, epochs // 2),
-        callbacks=[ModelCheckpoint(dirpath=str(out / name / "checkpoints"), save_last=True)], **common,
+        callbacks=_callbacks(out / name / "checkpoints"), **common,
     )  # fmt: skip
     trainer.fit(task, data)
     if epochs % trainer.check_val_every_n_epoch == 0:  # the last epoch was validated with the final weights
