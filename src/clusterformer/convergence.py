@@ -35,14 +35,14 @@ The peers' sizes follow ClusterFormer's dense heads in the nano shapes configs (
 trained with its own loss (``transformers`` computes it when the labels are passed: DETR's Hungarian loss with
 auxiliary losses, Mask2Former's point-sampled mask loss with 1024 points, as the project's).
 
-Time: the steps per run (:data:`PRESETS`) come from step times measured on the 2-core development machine while
-another heavy job ran on it (batch 8 of 96-pixel scenes, one torch thread, wall-clock): 0.25-0.35 s a step for
-ClusterFormer's detection model, 0.22-0.33 s for DETR, 0.25-0.33 s for ClusterFormer's instance model,
-0.36-0.38 s for Mask2Former (instance), 0.32-0.38 s for ClusterFormer's panoptic model and 0.36-0.37 s for
-Mask2Former (panoptic), so about 0.65 s per lockstep step of a pairing; an evaluation scores about 30 validation
-scenes a second. The quick run (3 pairings x 100 steps, evaluated at 50 and 100, 80 validation scenes) then takes
-about 3.5 minutes plus the data (400 + 80 scenes: 7 s of CPU), the full run (3 x 400 steps, evaluated every 100,
-200 validation scenes) about 15 minutes plus the data (1000 + 200 scenes).
+Time: the steps per run (:data:`PRESETS`) come from step times measured on the 2-core development machine (Intel
+Xeon; CPU seconds of one torch thread, since other jobs shared the machine; batch 8 of 96-pixel scenes, the quick
+data): a training step takes 0.26 s (ClusterFormer detection), 0.23 s (DETR), 0.26 s (ClusterFormer instance),
+0.37 s (Mask2Former instance), 0.33 s (ClusterFormer panoptic) and 0.38 s (Mask2Former panoptic); scoring the
+80 validation scenes takes 1.1 s per detection model, 2.4-2.8 s per instance model and 0.9-1.2 s per panoptic
+model. The quick run (3 pairings x 100 steps, evaluated at 50 and 100) then needs about 3 minutes of training and
+evaluation plus the data (400 + 80 scenes, about 7 s), under 5 minutes; the full run (3 x 400 steps, evaluated
+every 100 on 200 scenes) about 13.5 minutes plus the data (1000 + 200 scenes), under 20 minutes.
 """
 
 from __future__ import annotations
