@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clusterformer.commands.demo import build_stage, shapes_recipe
+from clusterformer.recipes import build_stage, shapes_recipe
 from clusterformer.registry import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]

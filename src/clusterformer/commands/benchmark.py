@@ -76,6 +76,7 @@ _TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin
 _SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
 
 RUNTIMES = ("eager", "compile", "onnxruntime")
+CONVERGENCE_PAIRINGS = ("detection", "instance", "panoptic")  # clusterformer.convergence.PAIRINGS
 
 
 def split_runtime(name: str) -> tuple[str, str]:
@@ -500,14 +501,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "ClusterFormer-T next to DETR and Mask2Former with a Swin-T backbone (transformers, random weights; "
         "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216. "
         "--onnx: ClusterFormer-T's (or each --models model's) inference in PyTorch eager mode, torch.compile and "
-        "onnxruntime (CPU, the model exported to ONNX), ratios against eager.",
+        "onnxruntime (CPU, the model exported to ONNX), ratios against eager. --task convergence: learning speed "
+        "instead of throughput: ClusterFormer's detection, instance and panoptic heads and transformers' DETR and "
+        "Mask2Former on the same clusterformer_nano encoder, trained on the same shapes batches with the same "
+        "schedule, box AP50 / mask AP50 / PQ at equal steps (OUT/convergence.json, OUT/convergence_<task>.png).",
     )
     parser.add_argument(
         "--task",
-        choices=["classification", "dense"],
+        choices=["classification", "dense", "convergence"],
         default="classification",
         help="which default set of models, sizes and batch size (default: classification, or dense when every "
-        "model given with --models is a dense one)",
+        "model given with --models is a dense one); convergence: the learning-speed comparison (the options "
+        "under 'convergence')",
     )
     parser.add_argument(
         "--models",
@@ -522,7 +527,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="inference in eager mode, torch.compile and onnxruntime (CPU) for clusterformer_tiny or the --models "
         "(needs onnxruntime: pip install 'clusterformer[export]'); no training step",
     )
-    parser.add_argument("--batch-size", type=int, help="default: 8 (classification), 1 (dense)")
+    parser.add_argument(
+        "--batch-size", type=int, help="default: 8 (classification), 1 (dense), the shapes configs' 8 (convergence)"
+    )
     parser.add_argument(
         "--img-size",
         type=_img_size,
@@ -543,18 +550,70 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="the first pair of the set (clusterformer_tiny and swin_tiny; dense: clusterformer_tiny_instance and "
-        "mask2former_swin_tiny at 512 only), 1 round of 3 iterations",
+        "mask2former_swin_tiny at 512 only), 1 round of 3 iterations; convergence: the demo's quick data "
+        "(400 + 80 scenes) and 100 steps per pairing (under 5 minutes on 2 cores; default: 1000 + 200 scenes, "
+        "400 steps, under 20 minutes)",
     )
     parser.add_argument(
         "--profile", action="store_true", help="instead of timing, print where the time goes, by operator (CPU)"
     )
     parser.add_argument("--json", help="write the full report (all timings) to this JSON file")
     parser.add_argument("--markdown", help="write the table to this markdown file")
+    convergence = parser.add_argument_group("convergence", "options of --task convergence")
+    convergence.add_argument("--out", default="runs/convergence", help="output folder (default: runs/convergence)")
+    convergence.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches")
+    convergence.add_argument("--steps", type=int, help="optimizer steps per model (default: 400; --quick: 100)")
+    convergence.add_argument(
+        "--eval-every", type=int, help="evaluate both models every this many steps (default: 100; --quick: 50)"
+    )
+    convergence.add_argument(
+        "--data", help="a shapes folder made by 'clusterformer make-shapes' to use (default: generate OUT/data)"
+    )
+    convergence.add_argument(
+        "--encoder",
+        help="a classification checkpoint (e.g. the demo's classification/checkpoints/last.ckpt) whose encoder "
+        "starts every model (default: random weights from --seed)",
+    )
+    convergence.add_argument(
+        "--pairings",
+        nargs="+",
+        choices=CONVERGENCE_PAIRINGS,
+        default=list(CONVERGENCE_PAIRINGS),
+        help="which comparisons to run (default: all three)",
+    )
+    convergence.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: 0)")
     parser.set_defaults(func=run)
     return parser
 
 
+def _run_convergence(args: argparse.Namespace) -> int:
+    """``--task convergence``: :func:`clusterformer.convergence.run_convergence` with the options."""
+    from ..convergence import run_convergence
+
+    for name, value in (("--steps", args.steps), ("--eval-every", args.eval_every), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            print(f"clusterformer benchmark: error: {name} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        _import_transformers()
+    except ImportError as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    for name, path in (("--data", args.data), ("--encoder", args.encoder)):
+        if path is not None and not Path(path).exists():
+            print(f"clusterformer benchmark: error: {name} {path}: not found", file=sys.stderr)
+            return 2
+    run_convergence(
+        args.out, quick=args.quick, seed=args.seed, steps=args.steps, eval_every=args.eval_every, data=args.data,
+        encoder=args.encoder, pairings=args.pairings, batch_size=args.batch_size, num_workers=args.num_workers,
+        machine=machine_description("cpu"),
+    )  # fmt: skip
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.task == "convergence":
+        return _run_convergence(args)
     try:
         for name in args.models or ():
             split_runtime(name)

@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..recipes import build_stage, classifier_encoder
+from ..recipes import load_encoder as _load_encoder
 from ..registry import TASKS
 
 PRESETS = {
@@ -350,39 +352,9 @@ def demo_metrics(preset: dict, stages: dict[str, dict]) -> dict:
     }
 
 
-def classifier_encoder(checkpoint: Path) -> dict:
-    """The classifier's model weights (encoder and classification head) from the classification stage's
-    checkpoint: what the dense stages start from, whether the stage ran in this process or an earlier one."""
-    import torch
-
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    return {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-
-
 def _print_change(result: dict, keys: list[str]) -> None:
     for key in keys:
         print(f"      {key}: {result['untrained'][key]:.3f} -> {result['trained'][key]:.3f}", flush=True)
-
-
-def shapes_recipe(task: str) -> dict:
-    """The ``model`` and ``data`` sections of ``configs/<task>/clusterformer_nano_shapes.yaml`` (shipped with the
-    package), the recipe that the demo's stage of ``task`` starts from."""
-    from importlib import resources
-
-    import yaml
-
-    path = resources.files("clusterformer").joinpath("configs", task, "clusterformer_nano_shapes.yaml")
-    return yaml.safe_load(path.read_text())
-
-
-def build_stage(task: str, data_overrides: dict, model_overrides: dict | None = None):
-    """The data module and the task of the demo's stage ``task``: the nano shapes config's ``init_args`` with the
-    demo's ``overrides`` on top (its folder, its image size, its loader workers, ...); the data first, then the
-    task, so that the model's initialisation draws the same random numbers whatever the data module does."""
-    recipe, spec = shapes_recipe(task), TASKS[task]
-    data = spec.data_class(**{**recipe["data"]["init_args"], **data_overrides})
-    module = spec.module_class(**{**recipe["model"]["init_args"], **(model_overrides or {})})
-    return module, data
 
 
 def run_classification(out: Path, preset: dict, seed: int, num_workers: int):
@@ -436,15 +408,6 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
         after = trainer.validate(task, data, verbose=False)[0]
     plot_curves(Path(logger.log_dir) / "metrics.csv", out / "report" / f"{name}_curve.png", val_keys)
     return {"epochs": epochs, "untrained": before, "trained": after}
-
-
-def _load_encoder(task, encoder_state: dict | None) -> None:
-    from ..backbone import CLASSIFIER_KEYS
-
-    if encoder_state is not None:  # the classifier's encoder, without its classification head
-        task.model.backbone.load_state_dict(
-            {k: v for k, v in encoder_state.items() if not k.startswith(CLASSIFIER_KEYS)}
-        )
 
 
 # per dense stage: the preset's epochs, the validation metrics of its curve, the demo's overrides of the config's
