@@ -34,3 +34,27 @@ def test_a_stage_is_the_config_with_the_demos_overrides(task, shapes):
         if key in recipe:
             assert module.hparams[key] == recipe[key], key  # the rest from the config
     assert data.hparams["batch_size"] == shapes_recipe(task)["data"]["init_args"]["batch_size"]
+
+
+def test_the_demos_classifier_recipe_and_its_encoder_in_the_dense_models(shapes):
+    """The demo's classifier: token head, 4 x 4 centers per block, whole crops, batch 32 at lr 3e-4; its encoder's
+    weights load into the dense models, which cluster with 10 x 10 centers (the same weights)."""
+    import torch
+
+    from clusterformer.commands import demo
+    from clusterformer.recipes import load_encoder
+
+    classifier, data = build_stage(
+        "classification", {"root": str(shapes / "imagefolder"), "num_workers": 0, **demo.CLASSIFIER_DATA},
+        demo.CLASSIFIER_MODEL,
+    )  # fmt: skip
+    assert classifier.model.head_source == "tokens"
+    assert {block.num_centers for stage in classifier.model.stages for block in stage.blocks} == {16}
+    assert tuple(data.hparams["crop_scale"]) == (1.0, 1.0) and data.hparams["batch_size"] == 32
+    assert classifier.hparams["lr"] == 3e-4
+    dense, _ = build_stage("panoptic", {"root": str(shapes), "num_workers": 0})
+    state = {k.removeprefix("model."): v for k, v in classifier.state_dict().items() if k.startswith("model.")}
+    load_encoder(dense, state)
+    assert {block.num_centers for stage in dense.model.backbone.stages for block in stage.blocks} == {100}
+    for name, value in dense.model.backbone.state_dict().items():
+        assert torch.equal(value, state[name]), name

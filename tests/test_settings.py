@@ -165,7 +165,8 @@ def test_a_task_built_by_the_cli_stores_plain_dicts_and_its_checkpoint_loads(sha
               "--model.init_args.decoder", "{num_queries: 10, dim: 32, mask_dim: 32, num_layers: 1, ffn_dim: 64}"],
     )  # fmt: skip
     hparams = dict(cli.model.hparams)
-    assert hparams["decoder"] == {**asdict(DecoderSettings()), **DECODER, "iterations": 3}
+    # merged key by key into the config's decoder (its iterations and masked attention stay)
+    assert hparams["decoder"] == {**asdict(DecoderSettings()), **DECODER, "iterations": 3, "masked_attention": True}
     assert hparams["loss"] == asdict(SetLossSettings(num_points=1024))
     path = tmp_path / "cli.ckpt"
     cli.trainer.strategy.connect(cli.model)

@@ -231,6 +231,11 @@ def _merge(init_args, key: str, overrides: dict) -> None:
         init_args[key] = {**(current or {}), **overrides}
 
 
+# the decoder's convergence accelerators (docs/heads.md), which the shapes configs switch on, are off in every row:
+# the tables ablate the paper's decoder
+PAPER_DECODER = {"masked_attention": False, "denoising": 0, "query_selection": False}
+
+
 def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> None:
     """Merge a row's overrides into the task's constructor options (in place): the encoder's options of the
     classifier (6a-6e), the decoder's of the instance model (6f), or both of the panoptic model's (S1a-S1f)."""
@@ -246,8 +251,7 @@ def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> N
         encoder = {name: value for name, value in overrides.items() if name != "decoder"}
         if encoder:
             _merge(init_args, spec.encoder_options, encoder)
-        if overrides.get("decoder"):
-            _merge(init_args, "decoder", overrides["decoder"])
+        _merge(init_args, "decoder", {**PAPER_DECODER, **(overrides.get("decoder") or {})})
         return
     if task == "classification":
         key = spec.encoder_options
@@ -264,7 +268,7 @@ def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> N
                 f"model must be {spec.module} with task: {task}, got {class_path}"
                 + (f" with task: {init_args.get('task')}" if "task" in init_args else "")
             )
-    _merge(init_args, key, overrides)
+    _merge(init_args, key, {**PAPER_DECODER, **overrides} if key == "decoder" else overrides)
 
 
 def build_row(
