@@ -700,7 +700,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument(
-        "--quick", action="store_true", help="a smaller dataset and fewer epochs (about 4 minutes on 2 CPU cores)"
+        "--quick", action="store_true", help="a smaller dataset and fewer epochs (about 4.5 minutes on 2 CPU cores)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2, help="data-loading processes")
