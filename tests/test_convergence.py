@@ -39,13 +39,33 @@ def test_the_data_and_the_recipes_are_the_demos():
     """ClusterFormer's side of each pairing is the demo's stage: its data sizes and its overrides of the config."""
     from clusterformer.commands.demo import DENSE_STAGES
     from clusterformer.commands.demo import PRESETS as DEMO_PRESETS
-    from clusterformer.convergence import MODEL_OVERRIDES, PRESETS
+    from clusterformer.convergence import PRESETS
+    from clusterformer.recipes import DEMO_MODEL_OVERRIDES
 
     for name, preset in PRESETS.items():
         assert {k: preset[k] for k in ("num_train", "num_val", "size")} == {
             k: DEMO_PRESETS[name][k] for k in ("num_train", "num_val", "size")
         }
-    assert {kind: DENSE_STAGES[kind][2] for kind in PAIRINGS} == MODEL_OVERRIDES
+    assert {kind: DENSE_STAGES[kind][2] for kind in PAIRINGS} == {kind: DEMO_MODEL_OVERRIDES[kind] for kind in PAIRINGS}
+
+
+def test_clusterformer_trains_with_its_tasks_loss_denoising_included(shapes):
+    """ClusterFormer's side optimises what its task's training step does: with the detection config's denoising
+    queries, their terms are in the loss."""
+    _, (ours, _) = build_pairing("detection", shapes, SIZE, steps=1, seed=0, batch_size=4)
+    task = ours.model
+    assert task.model.denoiser is not None  # the shapes config's denoising: 3
+    data = build_pairing("detection", shapes, SIZE, steps=1, seed=0, batch_size=4)[0]
+    data.setup("fit")
+    images, targets = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    loss = ours.loss_fn(images, targets)
+    torch.manual_seed(0)
+    expected, terms = task.training_loss(images, targets)
+    assert "loss_class_dn" in terms
+    torch.testing.assert_close(loss, expected)
+    plain = task.criterion.weighted_total({k: v for k, v in terms.items() if "_dn" not in k})
+    assert loss.item() > plain.item()
 
 
 def test_eval_steps():

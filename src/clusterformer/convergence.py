@@ -66,9 +66,6 @@ PRESETS = {
     "quick": dict(num_train=400, num_val=80, size=96, steps=100, eval_every=50),
     "full": dict(num_train=1000, num_val=200, size=96, steps=400, eval_every=100),
 }
-# the demo's overrides of the nano shapes configs' task options (``commands.demo.DENSE_STAGES``): the instance model
-# at a third of its config's lr
-MODEL_OVERRIDES = {"detection": {}, "instance": {"lr": 1e-4}, "panoptic": {}}
 BENCH_EXTRA = "pip install clusterformer[bench]"
 # the metrics of each pairing (the first one is the curve's), as the project's evaluators name them
 METRICS = {
@@ -268,22 +265,19 @@ def build_pairing(
 ):  # fmt: skip
     """The data module and the two contenders (ClusterFormer, then its peer) of the pairing ``kind``: the demo's
     stage (``recipes.build_stage`` with the demo's overrides) and the peer on the same encoder weights."""
-    from .recipes import build_stage, classifier_encoder, load_encoder
+    from .recipes import DEMO_MODEL_OVERRIDES, build_stage, classifier_encoder, load_encoder
 
     torch.manual_seed(seed)
     data_overrides = {"root": str(data_root), "crop": size, "test_shorter_side": size, "num_workers": num_workers}
     if batch_size:
         data_overrides["batch_size"] = batch_size
-    task, data = build_stage(kind, data_overrides, MODEL_OVERRIDES[kind])
+    task, data = build_stage(kind, data_overrides, DEMO_MODEL_OVERRIDES[kind])
     if encoder is not None:
         load_encoder(task, classifier_encoder(Path(encoder)))
     task.metrics = task.build_metrics(data)
     peer = build_peer(kind, task, seed)
     h = task.hparams
     schedule = task.lr_schedule(steps)
-
-    def ours_loss(images, targets):
-        return task.criterion.weighted_total(task.criterion(task(images), targets))
 
     def peer_predict(images, targets):
         return _project_postprocess(kind, task, data, peer(images, targets), targets)
@@ -294,7 +288,8 @@ def build_pairing(
     ours_text = f"clusterformer.tasks.{type(task).__name__} ({decoder}; {_params_m(task.model)} M parameters)"
     peer_text = f"transformers.{type(peer.net).__name__} ({_params_m(peer)} M parameters)"
     contenders = [
-        Contender("clusterformer", task, ours_loss, task.predict_batch, *_optimizer(ours_groups, h.lr, schedule),
+        Contender("clusterformer", task, lambda images, targets: task.training_loss(images, targets)[0],
+                  task.predict_batch, *_optimizer(ours_groups, h.lr, schedule),
                   ours_text),
         Contender(PEER_NAMES[kind], peer, peer.loss, peer_predict, *_optimizer(peer_groups, h.lr, schedule),
                   peer_text),

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from .registry import TASKS
 
-__all__ = ["build_stage", "classifier_encoder", "load_encoder", "shapes_recipe"]
+__all__ = ["DEMO_MODEL_OVERRIDES", "build_stage", "classifier_encoder", "load_encoder", "shapes_recipe"]
+
+# the demo's overrides of the dense configs' task options (its dense stages and the learning-speed comparison): the
+# instance model at a third of its config's lr, the demo's shorter schedule
+DEMO_MODEL_OVERRIDES = {"detection": {}, "instance": {"lr": 1e-4}, "semantic": {}, "panoptic": {}}
 
 
 def shapes_recipe(task: str) -> dict:

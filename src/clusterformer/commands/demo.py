@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..recipes import build_stage, classifier_encoder
+from ..recipes import DEMO_MODEL_OVERRIDES, build_stage, classifier_encoder
 from ..recipes import load_encoder as _load_encoder
 from ..registry import TASKS
 
@@ -422,13 +422,12 @@ def fit_and_evaluate(name: str, task, data, out: Path, epochs: int, val_keys: li
 # per dense stage: the preset's epochs, the validation metrics of its curve, the demo's overrides of the config's
 # task options, and its picture of predictions
 DENSE_STAGES = {
-    "detection": ("detection_epochs", ["val/bbox_AP50"], {}, "instances"),
-    # the instance model at a third of its config's lr: the demo's shorter schedule
-    "instance": ("set_epochs", ["val/segm_AP50", "val/bbox_AP50"], {"lr": 1e-4}, "instances"),
-    "semantic": ("semantic_epochs", ["val/mIoU"], {}, "maps"),
+    "detection": ("detection_epochs", ["val/bbox_AP50"], DEMO_MODEL_OVERRIDES["detection"], "instances"),
+    "instance": ("set_epochs", ["val/segm_AP50", "val/bbox_AP50"], DEMO_MODEL_OVERRIDES["instance"], "instances"),
+    "semantic": ("semantic_epochs", ["val/mIoU"], DEMO_MODEL_OVERRIDES["semantic"], "maps"),
     # the panoptic config's encoder trains at a tenth of the lr, as Mask2Former and the COCO configs: at the full lr
     # the encoder's stages 3-4 drift back to a uniform assignment (docs/architecture.md, "Does it cluster?")
-    "panoptic": ("panoptic_epochs", ["val/PQ", "val/mIoU_pan"], {}, "maps"),
+    "panoptic": ("panoptic_epochs", ["val/PQ", "val/mIoU_pan"], DEMO_MODEL_OVERRIDES["panoptic"], "maps"),
 }
 
 

@@ -217,12 +217,16 @@ class DenseTask(BaseTask):
     """Base of the dense Lightning tasks: the subclass builds a criterion with ``weighted_total`` and
     implements ``predict_batch(images, targets)``, ``_evaluate(batch, split)`` and ``_score(split)``."""
 
-    def training_step(self, batch, batch_idx):
-        images, targets = batch
-        # a model with denoising queries builds them from the targets
+    def training_loss(self, images: torch.Tensor, targets: list[dict]) -> tuple[torch.Tensor, dict]:
+        """The weighted training loss of a batch and its named terms (a model with denoising queries builds them
+        from the targets); what ``training_step`` optimises, and the learning-speed comparison too."""
         outputs = self.model(images, targets) if getattr(self.model, "denoiser", None) is not None else self(images)
         losses = self.criterion(outputs, targets)
-        loss = self.criterion.weighted_total(losses)
+        return self.criterion.weighted_total(losses), losses
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        loss, losses = self.training_loss(images, targets)
         check_finite(self, loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(targets))
         for name, value in losses.items():
