@@ -150,6 +150,13 @@ def test_the_command_writes_the_report_and_the_curves(shapes, tmp_path, capsys):
         for record in report["pairings"][kind]["models"].values():
             assert record["steps"] == [1, 2] and record["train_seconds"] > 0
     assert not (out / "data").exists()  # --data: nothing generated
+    # a rerun into the same folder is refused unless --overwrite, and the earlier report is kept
+    written = (out / "convergence.json").read_bytes()
+    assert main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "convergence.json").read_bytes() == written
+    assert main([*argv, "--pairings", "detection", "--steps", "1", "--overwrite"]) == 0
+    assert json.loads((out / "convergence.json").read_text())["steps"] == 1
 
 
 def test_the_command_refuses_a_missing_folder(tmp_path, capsys):

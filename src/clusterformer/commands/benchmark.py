@@ -582,6 +582,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="which comparisons to run (default: all three)",
     )
     convergence.add_argument("--num-workers", type=int, default=0, help="data-loading processes (default: 0)")
+    convergence.add_argument(
+        "--overwrite", action="store_true", help="replace the report of an earlier run in --out (refused without it)"
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -603,6 +606,14 @@ def _run_convergence(args: argparse.Namespace) -> int:
         if path is not None and not Path(path).exists():
             print(f"clusterformer benchmark: error: {name} {path}: not found", file=sys.stderr)
             return 2
+    report = Path(args.out) / "convergence.json"
+    if report.exists() and not args.overwrite:
+        print(
+            f"clusterformer benchmark: error: {report}: holds an earlier run's report; pass --overwrite to replace "
+            "it, or choose another --out",
+            file=sys.stderr,
+        )
+        return 2
     run_convergence(
         args.out, quick=args.quick, seed=args.seed, steps=args.steps, eval_every=args.eval_every, data=args.data,
         encoder=args.encoder, pairings=args.pairings, batch_size=args.batch_size, num_workers=args.num_workers,
