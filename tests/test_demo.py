@@ -12,11 +12,15 @@ import pytest
 from clusterformer.cli import main
 from clusterformer.commands.demo import (
     PRESETS,
+    SHOWN,
     STAGE_NAMES,
+    TARGETS,
     DemoInterrupted,
     finished_stages,
     prepare_demo_folder,
     run_demo,
+    target_lines,
+    target_rows,
 )
 
 # every entry of a preset, tiny: one demo run takes seconds of training
@@ -54,6 +58,13 @@ def test_demo_writes_a_report(uninterrupted):
     names = ("top-1", "box AP50", "box AP50 (boxes around the masks)", "mask AP50", "mIoU", "PQ things", "PQ stuff")
     for name in names:
         assert f"| {name} |" in text, name
+    # the run against its preset's targets (the full preset's, changed by the tiny options): the tiny models
+    # miss them, and the report says which
+    assert metrics["preset"] == "full (changed)"
+    assert [(row["task"], row["metric"]) for row in metrics["targets"]] == [("all", "seconds"), *TARGETS["full"]]
+    assert "## Targets of the full (changed) preset" in text
+    missed = [f"{row['task']} {row['metric']}" for row in metrics["targets"] if not row["met"]]
+    assert "detection val/bbox_AP50" in missed and f"Missed: {', '.join(missed)}." in text
     # demo.json records every stage as finished: --resume would load them all, unless what one left has changed
     record = json.loads((tmp_path / "demo.json").read_text())
     options = {**TINY, "seed": SEED}
@@ -185,9 +196,11 @@ def test_a_demo_stopped_by_sigterm_says_where_and_resume_finishes_it_as_an_unint
     # the report of the resumed run is the uninterrupted run's, but for the time taken
     expected = uninterrupted[1]
     assert set(metrics) == set(expected)
-    assert {k: v for k, v in metrics.items() if "seconds" not in k} == {
-        k: v for k, v in expected.items() if "seconds" not in k
+    own = ("targets", "preset")  # the run here is the (tiny) quick preset, the one above the changed full one
+    assert {k: v for k, v in metrics.items() if "seconds" not in k and k not in own} == {
+        k: v for k, v in expected.items() if "seconds" not in k and k not in own
     }
+    assert metrics["preset"] == "quick" and metrics["targets"][1:] == target_rows(expected, "quick")[1:]
     assert list(metrics["stage_seconds"]) == list(STAGE_NAMES)
     text = (out / "report" / "report.md").read_text()
     for task in TASKS:
@@ -222,3 +235,37 @@ def test_the_interruption_names_the_stage_or_the_report(tmp_path):
         "with --resume to write the report"
     )
     assert DemoInterrupted(tmp_path, 3, signal.SIGTERM).exit_code == 143
+
+
+def _metrics(seconds: float, **trained) -> dict:
+    """Report metrics of a made-up run: every shown metric at 0.1 untrained, ``trained`` or 0.2 trained."""
+    metrics = {"preset": "x", "seconds": seconds}
+    for task, keys in SHOWN.items():
+        metrics[task] = {
+            "untrained": dict.fromkeys(keys, 0.1),
+            "trained": {key: trained.get(key.removeprefix("val/"), 0.2) for key in keys},
+        }
+    return metrics
+
+
+def test_targets_say_what_was_met_and_what_was_missed(tmp_path):
+    full = _metrics(899.0, top1=0.96, bbox_AP50=0.49, segm_AP50=0.5, mIoU=0.8, PQ=0.6, PQ_th=0.2)
+    rows = {(row["task"], row["metric"]): row for row in target_rows(full, "full")}
+    assert rows["all", "seconds"]["met"] and rows["classification", "val/top1"]["met"]
+    assert not rows["detection", "val/bbox_AP50"]["met"]  # 0.49 < 0.5
+    assert rows["instance", "val/segm_AP50"]["met"]  # at the target is met
+    assert not rows["panoptic", "val/PQ_th"]["met"] and rows["panoptic", "val/PQ"]["met"]
+    assert not {row["metric"]: row for row in target_rows(_metrics(901.0), "full")}["seconds"]["met"]
+    # quick: the wall time, and every shown metric above its untrained value
+    quick = _metrics(250.0, PQ_th=0.1)
+    rows = target_rows(quick, "quick")
+    assert len(rows) == 1 + sum(len(keys) for keys in SHOWN.values())
+    assert [row["metric"] for row in rows if not row["met"]] == ["val/PQ_th"]  # 0.1 is not above 0.1
+    # the report's table and its sentence on the missed ones
+    full.update(preset="full", targets=target_rows(full, "full"))
+    text = "\n".join(target_lines(full))
+    assert "| detection | val/bbox_AP50 | >= 0.500 | 0.490 | **no** |" in text
+    assert "| all | seconds | <= 900 s | 899 s | yes |" in text
+    assert "Missed: detection val/bbox_AP50, panoptic val/PQ_th." in text
+    full["targets"] = [row | {"met": True} for row in full["targets"]]
+    assert "Every target met." in "\n".join(target_lines(full))
