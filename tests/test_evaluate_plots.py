@@ -17,7 +17,8 @@ from clusterformer.cli import main
 from clusterformer.data import CATEGORIES
 from clusterformer.metrics import plots
 from clusterformer.metrics.coco import per_class_ap, precision_recall_curves, run_cocoeval, stats_of
-from clusterformer.metrics.panoptic import write_panoptic
+from clusterformer.metrics.panoptic import pq_compute, write_panoptic
+from clusterformer.metrics.semantic import evaluate_semantic
 from test_coco_eval import perturbed_predictions
 from test_panoptic_metric import harden_ground_truth, perturb_prediction, read_ids, save_split
 from test_semantic_metric import random_pairs, write_folder
@@ -209,6 +210,10 @@ def test_evaluate_plot_draws_the_per_class_iou(tmp_path, capsys, figures):
     (tmp_path / "names.txt").write_text("road\ntree\n")
     assert main([*argv, "--overwrite", "--class-names", str(tmp_path / "names.txt")]) == 2
     assert "names.txt: 2 class names for --num-classes 6" in capsys.readouterr().err
+    # on a terminal, a bar over the label maps, on stderr
+    evaluate_semantic(tmp_path / "gt", tmp_path / "pred", 6, reduce_zero_label=False, progress=True)
+    err = capsys.readouterr().err
+    assert "mIoU:" in err and f"0/{len(pairs)}" in err and "\r" in err  # drawn at the start, cleared at the end
 
 
 def test_evaluate_plot_draws_the_per_class_pq(shapes_dir, tmp_path, capsys, figures):
@@ -251,3 +256,7 @@ def test_evaluate_plot_draws_the_per_class_pq(shapes_dir, tmp_path, capsys, figu
         values = printed["per_class"][str(c["id"])]
         assert f"{values['pq']:.3f}  (SQ {values['sq']:.3f}, RQ {values['rq']:.3f})" in texts
     assert f"PQ {printed['PQ']:.3f}" in axes.get_title() and f"PQ {printed['PQ_st']:.3f}" in axes.get_title()
+    # on a terminal, a bar over the PNGs, on stderr
+    pq_compute(tmp_path / "gt.json", tmp_path / "pred.json", progress=True)
+    err = capsys.readouterr().err
+    assert "PQ:" in err and "0/5" in err and "\r" in err  # drawn at the start, cleared at the end
