@@ -280,7 +280,7 @@ def test_table_6a_runs_end_to_end(shapes, tmp_path):
     assert all((Path(d) / "checkpoints" / "last.ckpt").stat().st_mtime_ns == t for d, t in checkpoints.items())
 
 
-def test_table_6f_runs_from_the_command_line(shapes, tmp_path, monkeypatch):
+def test_table_6f_runs_from_the_command_line(shapes, tmp_path, monkeypatch, capfd):
     saved, save = [], AtomicCheckpointIO.save_checkpoint
 
     def recording(self, checkpoint, path, storage_options=None):
@@ -294,11 +294,17 @@ def test_table_6f_runs_from_the_command_line(shapes, tmp_path, monkeypatch):
         "data.init_args.crop=48",
         "data.init_args.num_workers=0",
         "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
     ]
     limits = ["--max-epochs", "1", "--limit-train-batches", "1", "--limit-val-batches", "1"]
     args = ["ablate", "--table", "6f", "--config", str(INSTANCE), "--out", str(tmp_path), *limits]
     assert main(args + [item for setting in settings for item in ("--set", setting)]) == 0
+    # into a log (pytest's capture is no terminal): a line per row and per epoch, no progress bar, no Lightning notes
+    captured = capfd.readouterr()
+    output = captured.out + captured.err
+    assert "\r" not in output and "GPU available" not in output, output
+    epochs = [line for line in captured.out.splitlines() if line.startswith("    epoch 1/1  step 1  ")]
+    assert len(epochs) == 2, captured.out  # the two rows that train
     rows = json.loads((tmp_path / "table_6f.json").read_text())["rows"]
     assert [row["label"] for row in rows] == [label for label, _ in TABLES["6f"]]
     assert [row["reproduced"] for row in rows] == [True, False, False, False, True]

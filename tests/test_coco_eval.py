@@ -262,7 +262,11 @@ def test_cli_prints_the_metrics_as_json(gt_file, gt, tmp_path, capsys, task, iou
     results_file.write_text(json.dumps(perturbed_predictions(gt, 5)))
     assert main(["evaluate", "--task", task, "--gt", str(gt_file), "--pred", str(results_file), "--out", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed == coco_evaluate(gt_file, results_file, iou_type) == json.loads(out.read_text())
+    assert printed == json.loads(out.read_text())
+    per_class = printed.pop("per_class")  # AP, AP50, AP75 of each category (tests/test_evaluate_plots.py)
+    assert printed == coco_evaluate(gt_file, results_file, iou_type)
+    assert list(per_class) == [str(c["id"]) for c in gt["categories"]]
+    assert all(list(values) == ["AP", "AP50", "AP75"] for values in per_class.values())
 
 
 @pytest.mark.parametrize("case", ["unknown_category", "not_json", "missing_pred"])

@@ -271,6 +271,9 @@ def _apply_row(model_config, task: str, overrides: dict, config_path: Path) -> N
     _merge(init_args, key, {**PAPER_DECODER, **overrides} if key == "decoder" else overrides)
 
 
+EPOCH_PREFIX = "    "  # a log's epoch lines, under the line of their row
+
+
 def build_row(
     table: str,
     row: int,
@@ -290,7 +293,9 @@ def build_row(
     types, defaults), with ``config_overrides`` (``"KEY=VALUE"``, e.g. ``"data.init_args.root=..."``) and the
     trainer limits on top, then the row's overrides are merged into the task's options, the seed is set to
     ``seed`` before anything is built, and every output path of the trainer is moved into ``row_dir``. The trainer
-    writes its checkpoints as ``fit`` does (:func:`~clusterformer.checkpoint_io.use_atomic_checkpoints`).
+    writes its checkpoints as ``fit`` does (:func:`~clusterformer.checkpoint_io.use_atomic_checkpoints`) and shows
+    its progress as ``fit`` does: Lightning's bar on a terminal, one line per epoch into a log (``progress_bar``:
+    either; false: neither, and no model summary).
     """
     from lightning import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
@@ -321,6 +326,18 @@ def build_row(
         def before_instantiate_classes(self) -> None:
             _apply_row(self.config.model, task, overrides, config_path)
             redirect_outputs(self.config.trainer, row_dir)
+
+        def _instantiate_trainer(self, config: dict, callbacks: list):
+            # as `clusterformer fit`: into a log, one line per epoch (indented under the row's line) instead of
+            # Lightning's progress bar, whose redraws are carriage returns there (progress.py)
+            from ..progress import progress_callbacks
+
+            configured = config.get("callbacks") or []
+            configured = configured if isinstance(configured, list) else [configured]
+            extra = progress_callbacks(
+                config.get("enable_progress_bar"), [*configured, *callbacks], prefix=EPOCH_PREFIX
+            )
+            return super()._instantiate_trainer(config, [*callbacks, *extra])
 
     try:
         with warnings.catch_warnings():
@@ -414,6 +431,12 @@ def _tensors(value) -> list[torch.Tensor]:
 # --- running a table ----------------------------------------------------------------------------------
 
 
+NO_RESUME_NOTES = (
+    r".*\.fit\(ckpt_path=None\)` was called without a model",
+    r'.*ckpt_path="last"\) is set, but there is no last',
+)
+
+
 def _slug(index: int, label: str) -> str:
     return f"{index + 1}_" + (re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "row")
 
@@ -452,7 +475,8 @@ def run_ablation(
         seed: the seed of every row (default: the config's ``seed_everything``, or 0).
         config_overrides: ``"KEY=VALUE"`` config settings, as LightningCLI arguments without the dashes
             (e.g. ``"data.init_args.root=/data/shapes/imagefolder"``).
-        progress_bar: Lightning's progress bar and model summary.
+        progress_bar: the progress of each row's training (Lightning's bar on a terminal, one line per epoch
+            into a log) and its model summary.
         resume: continue the rows of an earlier run in ``out_dir`` from their last checkpoints (rows that
             finished are only validated again). Without it, checkpoints found there are an error: the
             configs' ``OnExceptionCheckpoint`` would make Lightning resume from them silently.
@@ -514,7 +538,12 @@ def run_ablation(
             progress_bar=progress_bar,
         )
         used, total = count_parameters(model)
-        trainer.fit(model, datamodule=data, ckpt_path="last" if resume else None)
+        with warnings.catch_warnings():
+            if not resume:  # nothing to resume (checked above): Lightning's notes on the "last" checkpoint it looks
+                # for, which the configs' OnExceptionCheckpoint names, do not apply (as in `clusterformer fit`)
+                for note in NO_RESUME_NOTES:
+                    warnings.filterwarnings("ignore", message=note)
+            trainer.fit(model, datamodule=data, ckpt_path="last" if resume else None)
         logged = trainer.validate(model, datamodule=data, verbose=False)[0]
         metrics = {key: _fraction(logged.get(name)) for key, name in METRICS[task].items()}
         seconds = time.perf_counter() - start
@@ -683,19 +712,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import quiet_lightning
+
     try:
         table = check_table(args.table)
-        run_ablation(
-            table,
-            args.config,
-            args.out,
-            max_epochs=args.max_epochs,
-            limit_train_batches=args.limit_train_batches,
-            limit_val_batches=args.limit_val_batches,
-            seed=args.seed,
-            config_overrides=args.set or (),
-            resume=args.resume,
-        )
+        with quiet_lightning():  # the rows, their progress and metrics; not Lightning's notes (progress.py)
+            run_ablation(
+                table,
+                args.config,
+                args.out,
+                max_epochs=args.max_epochs,
+                limit_train_batches=args.limit_train_batches,
+                limit_val_batches=args.limit_val_batches,
+                seed=args.seed,
+                config_overrides=args.set or (),
+                resume=args.resume,
+            )
     except (ValueError, OSError) as error:  # bad table, config or output folder: one line, no traceback
         print(f"clusterformer ablate: error: {error}", file=sys.stderr)
         return 2

@@ -21,9 +21,11 @@ import io
 import json
 import math
 import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert
 
@@ -134,29 +136,21 @@ def _check_results(name: str, results: list, gt: dict, iou_type: str) -> None:
         )
 
 
-def coco_evaluate(
-    gt: str | Path | dict, results: str | Path | list, iou_type: str, verbose: bool = False
-) -> dict[str, float]:
-    """COCO AP and AR of ``results`` against ``gt``, computed by pycocotools' ``COCOeval``.
-
-    Args:
-        gt: COCO instances JSON file, or its content as a dict.
-        results: COCO results JSON file, or its content: a list of dicts with ``image_id``,
-            ``category_id``, ``score`` and ``bbox`` ``[x, y, w, h]`` (``iou_type="bbox"``) or
-            ``segmentation`` (compressed RLE, ``iou_type="segm"``). Not modified.
-        iou_type: ``"bbox"`` or ``"segm"``.
-        verbose: let pycocotools print its progress and summary table.
-
-    Returns:
-        ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl``: ``COCOeval.stats`` in that
-        order, as floats in [0, 1], or -1 where pycocotools gives -1 (no ground truth in that area range).
-
-    Raises:
-        AnnotationError: a bad ground-truth file. ResultsError: a bad results file or entry.
-        Both are ``ValueError``s whose message names the file and the problem.
-    """
+def run_cocoeval(
+    gt: str | Path | dict,
+    results: str | Path | list,
+    iou_type: str,
+    verbose: bool = False,
+    progress: bool = False,
+):
+    """pycocotools' ``COCOeval`` of ``results`` against ``gt``, evaluated, accumulated and summarised: its
+    ``stats`` are :func:`coco_evaluate`'s numbers, its ``eval["precision"]`` the precision-recall curves
+    (:func:`per_class_ap`, :func:`precision_recall_curves`). Arguments and errors as :func:`coco_evaluate`;
+    ``progress``: a progress bar (tqdm, on standard error) over the (image, category) pairs that pycocotools
+    matches, then its accumulation."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+    from tqdm import tqdm
 
     if iou_type not in IOU_TYPES:
         raise ValueError(f"iou_type must be one of {IOU_TYPES}, got {iou_type!r}")
@@ -172,6 +166,8 @@ def coco_evaluate(
     if iou_type == "segm":  # mask areas, not box areas, for the area ranges (see the module docstring)
         for result in results:
             result.pop("bbox", None)
+    # pycocotools prints its steps ("Loading and preparing results...", "DONE (t=0.01s).") and the summary table
+    # on standard output, where `clusterformer evaluate` prints its JSON
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with quiet:
         coco_gt = COCO()
@@ -188,10 +184,118 @@ def coco_evaluate(
             }
             coco_dt.createIndex()
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
-        evaluator.evaluate()
-        evaluator.accumulate()
+        params = evaluator.params
+        pairs = len(set(params.imgIds)) * len(set(params.catIds))
+        # evaluate() calls computeIoU once per (image, category) and evaluateImg once per (image, category, area)
+        bar = tqdm(total=pairs * (1 + len(params.areaRng)), desc=f"COCO {iou_type}", unit="pair", leave=False,
+                   disable=not progress, file=sys.stderr)  # fmt: skip
+        for name in ("computeIoU", "evaluateImg"):
+            setattr(evaluator, name, _ticking(getattr(evaluator, name), bar))
+        try:
+            evaluator.evaluate()
+            bar.set_description(f"COCO {iou_type} accumulate")
+            evaluator.accumulate()
+        finally:
+            bar.close()
         evaluator.summarize()
+    return evaluator
+
+
+def _ticking(method, bar):
+    def ticked(*args, **kwargs):
+        result = method(*args, **kwargs)
+        bar.update()
+        return result
+
+    return ticked
+
+
+def coco_evaluate(
+    gt: str | Path | dict, results: str | Path | list, iou_type: str, verbose: bool = False, progress: bool = False
+) -> dict[str, float]:
+    """COCO AP and AR of ``results`` against ``gt``, computed by pycocotools' ``COCOeval``.
+
+    Args:
+        gt: COCO instances JSON file, or its content as a dict.
+        results: COCO results JSON file, or its content: a list of dicts with ``image_id``,
+            ``category_id``, ``score`` and ``bbox`` ``[x, y, w, h]`` (``iou_type="bbox"``) or
+            ``segmentation`` (compressed RLE, ``iou_type="segm"``). Not modified.
+        iou_type: ``"bbox"`` or ``"segm"``.
+        verbose: let pycocotools print its progress and summary table.
+        progress: a progress bar on standard error (see :func:`run_cocoeval`).
+
+    Returns:
+        ``AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl``: ``COCOeval.stats`` in that
+        order, as floats in [0, 1], or -1 where pycocotools gives -1 (no ground truth in that area range).
+
+    Raises:
+        AnnotationError: a bad ground-truth file. ResultsError: a bad results file or entry.
+        Both are ``ValueError``s whose message names the file and the problem.
+    """
+    return stats_of(run_cocoeval(gt, results, iou_type, verbose=verbose, progress=progress))
+
+
+def stats_of(evaluator) -> dict[str, float]:
+    """``COCOeval.stats`` by name (:data:`METRIC_NAMES`), as floats."""
     return {name: float(value) for name, value in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+
+# the IoU thresholds of the per-class figures: COCOeval's params.iouThrs are 0.50, 0.55, ..., 0.95
+PER_CLASS_IOUS = {"AP": None, "AP50": 0.5, "AP75": 0.75}
+
+
+def _precision(evaluator) -> tuple[object, np.ndarray]:
+    """``(params, precision (T, R, K))``: pycocotools' precision at area range "all" and the largest maxDets
+    (100), the slice that its AP, AP50 and AP75 average."""
+    if not getattr(evaluator, "eval", None):
+        raise ValueError("the COCOeval has not been accumulated: run evaluate() and accumulate() first")
+    params = evaluator.eval["params"]
+    area = [tuple(a) for a in params.areaRng].index(tuple(params.areaRng[params.areaRngLbl.index("all")]))
+    return params, evaluator.eval["precision"][:, :, :, area, len(params.maxDets) - 1]
+
+
+def _iou_rows(params, threshold: float | None) -> np.ndarray:
+    """The rows of ``params.iouThrs`` for one threshold (``None``: all, 0.5:0.95)."""
+    if threshold is None:
+        return np.arange(len(params.iouThrs))
+    return np.where(np.isclose(params.iouThrs, threshold))[0]
+
+
+def per_class_ap(evaluator) -> dict[int, dict[str, float]]:
+    """``{category_id: {"AP", "AP50", "AP75"}}`` from an accumulated ``COCOeval``, as pycocotools' summary
+    computes AP but for one category: the mean of ``eval["precision"]`` over the recall thresholds (and, for
+    ``AP``, the IoU thresholds 0.5:0.95) at area "all" and 100 detections, entries of -1 left out; -1 for a
+    category without ground truth (all its entries are -1). The mean over the categories that are not -1 is
+    pycocotools' AP, AP50 and AP75."""
+    params, precision = _precision(evaluator)
+    values = {}
+    for k, category in enumerate(params.catIds):
+        values[int(category)] = {}
+        for name, threshold in PER_CLASS_IOUS.items():
+            entries = precision[_iou_rows(params, threshold), :, k]
+            entries = entries[entries > -1]
+            values[int(category)][name] = float(np.mean(entries)) if entries.size else -1.0
+    return values
+
+
+def precision_recall_curves(evaluator) -> dict:
+    """The precision-recall curves of an accumulated ``COCOeval`` (area "all", 100 detections):
+    ``{"recall": (R,) recall thresholds (0, 0.01, ..., 1), "precision": {"AP50" | "AP75" | "AP":
+    {category_id: (R,) precision or None}}, "mean": {"AP50" | "AP75" | "AP": (R,) or None}}``. A category's
+    ``AP`` curve is its precision averaged over the IoU thresholds 0.5:0.95; ``None`` where the category has
+    no ground truth; ``mean`` averages the curves of the categories that have one (its mean over recall is
+    pycocotools' AP, AP50, AP75)."""
+    params, precision = _precision(evaluator)
+    curves, mean = {}, {}
+    for name, threshold in PER_CLASS_IOUS.items():
+        rows = precision[_iou_rows(params, threshold)]  # (t, R, K)
+        valid = (rows > -1).all(axis=(0, 1))
+        per_category = rows.mean(axis=0)  # (R, K)
+        curves[name] = {
+            int(category): per_category[:, k] if valid[k] else None for k, category in enumerate(params.catIds)
+        }
+        mean[name] = per_category[:, valid].mean(axis=1) if valid.any() else None
+    return {"recall": np.asarray(params.recThrs, dtype=np.float64), "precision": curves, "mean": mean}
 
 
 def to_coco_results(

@@ -29,6 +29,7 @@ gets NaN with ``n = 0`` where panopticapi divides by zero.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -270,6 +271,7 @@ def pq_compute(
     pred_json: str | Path,
     gt_folder: str | Path | None = None,
     pred_folder: str | Path | None = None,
+    progress: bool = False,
 ) -> dict:
     """panopticapi's ``pq_compute`` on COCO panoptic files, with checked inputs.
 
@@ -278,6 +280,7 @@ def pq_compute(
             ``file_name``, ``segments_info`` with ``id`` and ``category_id``), one per ground truth
             annotation; the categories are the ground truth's.
         gt_folder, pred_folder: the PNG folders; by default the JSON path without ``.json``.
+        progress: a progress bar over the images (tqdm, on standard error).
 
     Returns:
         :meth:`PanopticQuality.compute`'s dict.
@@ -298,8 +301,11 @@ def pq_compute(
     if missing:
         raise AnnotationError(f"{pred_json}: no prediction for the ground truth image ids {missing[:10]}")
 
+    from tqdm import tqdm
+
     metric = PanopticQuality(gt_data["categories"])
-    for image_id, gt_ann in gt_annotations.items():
+    images = tqdm(gt_annotations.items(), desc="PQ", unit="img", leave=False, disable=not progress, file=sys.stderr)
+    for image_id, gt_ann in images:
         pred_ann = predictions[image_id]
         gt_png, pred_png = gt_folder / gt_ann["file_name"], pred_folder / pred_ann["file_name"]
         gt_ids, pred_ids = read_ids_png(gt_png), read_ids_png(pred_png)

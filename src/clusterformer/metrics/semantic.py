@@ -17,6 +17,7 @@ over the dataset); values are fractions, not rounded percentages; and a label or
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,7 @@ def evaluate_semantic(
     num_classes: int,
     reduce_zero_label: bool = True,
     ignore_index: int = IGNORE_INDEX,
+    progress: bool = False,
 ) -> dict:
     """mmsegmentation's metrics between two folders of label PNGs matched by file stem.
 
@@ -179,8 +181,11 @@ def evaluate_semantic(
 
     Any other value, a prediction missing for a ground truth file or one without a ground truth file,
     a size difference or a PNG that is not 8-bit single-channel is an error naming the file.
+    ``progress``: a progress bar over the images (tqdm, on standard error).
     Returns :meth:`SemanticConfusion.compute`'s dict.
     """
+    from tqdm import tqdm
+
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     gts, preds = _pngs(gt_dir), _pngs(pred_dir)
     if not gts:
@@ -196,7 +201,7 @@ def evaluate_semantic(
         raise ValueError(f"{preds[unknown[0]]}: a prediction for an image without ground truth in {gt_dir}")
     first = 1 if reduce_zero_label else 0
     metric = SemanticConfusion(num_classes, ignore_index)
-    for stem, gt_path in gts.items():
+    for stem, gt_path in tqdm(gts.items(), desc="mIoU", unit="img", leave=False, disable=not progress, file=sys.stderr):
         label = read_label_png(gt_path)
         prediction = read_label_png(preds[stem])
         if prediction.shape != label.shape:
