@@ -16,7 +16,6 @@ tasks: the shorter side resized), in batches of ``batch_size`` padded to a commo
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -199,8 +198,10 @@ class Predictor:
         batch_size = batch_size or self.batch_size
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        from .progress import terminal_bar
+
         results = []
-        bar = _progress_bar(len(inputs), f"predict {self.task}", progress)
+        bar = terminal_bar(len(inputs), f"predict {self.task}", enabled=progress)
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start : start + batch_size]
             names = ["image"] if single else [f"image {start + i} of the list" for i in range(len(chunk))]
@@ -241,14 +242,3 @@ class Predictor:
             dense_result(self.task, _to_cpu(output), size, image, self.class_info, threshold, reduce_zero_label)
             for output, size, image in zip(outputs, sizes, images, strict=True)
         ]
-
-
-def _progress_bar(total: int, description: str, enabled: bool):
-    """A tqdm bar on standard error when ``enabled`` and standard error is a terminal (and there is more than one
-    item); otherwise one that shows nothing."""
-    from tqdm import tqdm
-
-    from .progress import on_terminal
-
-    show = enabled and total > 1 and on_terminal(sys.stderr)
-    return tqdm(total=total, unit="img", desc=description, disable=not show, file=sys.stderr)

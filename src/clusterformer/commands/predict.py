@@ -267,10 +267,8 @@ def run_predict(
     ``OSError`` from the checkpoint loader) before anything is written; so does a non-empty ``out`` without
     ``overwrite`` (an :class:`~clusterformer.outputs.OutputExistsError`). With ``overwrite``, the previous results
     in ``out`` are deleted once the inputs and the checkpoint have been checked."""
-    from tqdm import tqdm
-
     from ..predictor import Predictor
-    from ..progress import on_terminal  # imports Lightning: not at module level
+    from ..progress import terminal_bar  # imports Lightning: not at module level
 
     if task not in TASKS:
         raise PredictError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
@@ -295,8 +293,7 @@ def run_predict(
     writer = TASK_SPECS[task].writer_class(out, model, score_threshold)
     items = [Item(p, n, i) for p, n, i in zip(paths, output_names(paths), ids, strict=True)]
     images, skipped = [], []
-    show = progress and len(items) > 1 and on_terminal(sys.stderr)  # a log gets the one line of run() instead
-    bar = tqdm(total=len(items), unit="img", desc=f"predict {task}", disable=not show, file=sys.stderr)
+    bar = terminal_bar(len(items), f"predict {task}", enabled=progress)  # a log gets the one line of run() instead
     for start in range(0, len(items), batch_size):
         loaded = []
         for item in items[start : start + batch_size]:
@@ -304,7 +301,7 @@ def run_predict(
                 loaded.append((item, load_rgb(item.path)))
             except ImageReadError as error:
                 skipped.append({"file": str(item.path), "error": str(error)})
-                tqdm.write(f"clusterformer predict: warning: {error}; skipped", file=sys.stderr)
+                bar.write(f"clusterformer predict: warning: {error}; skipped", file=sys.stderr)
         if loaded:
             results = predictor.predict_images([image for _, image in loaded])
             for (item, image), result in zip(loaded, results, strict=True):
