@@ -39,11 +39,10 @@ from ..outputs import atomic_path, check_output_folder, remove_outputs, save_png
 from ..predictor import PRECISIONS, eval_transform  # noqa: F401  (eval_transform: the test transform, as before)
 from ..registry import TASKS as TASK_SPECS
 from ..resampling import NearestResize, ResizedMasks  # noqa: F401  (moved to resampling; importable here as before)
-from ..results import DEFAULT_SCORE_THRESHOLD, Result
+from ..results import DEFAULT_SCORE_THRESHOLD, MAX_OVERLAY_SIDE, Result
 from ..weights import TaskModel, load_task_model
 
 TASKS = tuple(TASK_SPECS)  # the task names
-MAX_OVERLAY_SIDE = 2048  # overlays of larger images are drawn on the image scaled down to this longer side
 COMMON_OUTPUTS = ("overlays", "summary.json")  # what predict writes for every task
 
 
