@@ -291,3 +291,18 @@ def test_the_readme_python_section_runs_as_written(checkpoints, shapes, tmp_path
         exec(compile(block, f"README.md, Python, {task}", "exec"), namespace)
         assert isinstance(namespace["predictor"], Predictor) and namespace["predictor"].task == task
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["instances.png", "panoptic.png"]
+
+
+def test_a_progress_bar_only_on_a_terminal(predictors, shapes, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    paths = val_images(shapes)[:3]
+    for stream, drawn in ((io.StringIO(), False), (Terminal(), True)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        predictors["classification"](paths, progress=True)
+        assert ("3/3" in stream.getvalue()) == drawn and ("predict classification" in stream.getvalue()) == drawn
