@@ -7,6 +7,8 @@ from PIL import Image, ImageDraw
 
 from clusterformer import pictures
 from clusterformer.commands.predict import SetWriter
+from clusterformer.resampling import ResizedMasks
+from clusterformer.results import ClassInfo, Instances
 from clusterformer.weights import TaskModel
 
 RED, BLUE = (230, 20, 40), (20, 60, 220)
@@ -61,10 +63,12 @@ def test_instance_overlays_show_each_mask_and_box_in_its_class_colour(tmp_path):
     model = TaskModel("instance", torch.nn.Identity(), ["circle", "star"], categories)
     masks = torch.zeros(3, 64, 64, dtype=torch.bool)
     masks[0, 10:30, 10:30] = masks[1, 40:60, 30:60] = masks[2, 0:5, 0:5] = True
-    result = {"masks": masks, "boxes": torch.tensor([[10.0, 10, 30, 30], [30, 40, 60, 60], [0, 0, 5, 5]]),
-              "scores": torch.tensor([0.9, 0.8, 0.1]), "labels": torch.tensor([0, 1, 0])}  # fmt: skip
     image = grey(64, 64)
-    overlay = np.asarray(SetWriter(tmp_path, model, None).overlay(image, result)).astype(int)
+    result = Instances(image=image, classes=ClassInfo(model.classes, categories), mask_source=ResizedMasks(masks),
+                       boxes=np.array([[10.0, 10, 30, 30], [30, 40, 60, 60], [0, 0, 5, 5]], np.float32),
+                       scores=np.array([0.9, 0.8, 0.1], np.float32), labels=np.array([0, 1, 0]),
+                       names=["circle", "star", "circle"])  # fmt: skip
+    overlay = np.asarray(SetWriter(tmp_path, model, None).overlay(result)).astype(int)
     factor = pictures.display_factor(64, 64)
     assert overlay.shape == (64 * factor, 64 * factor, 3)
     for (y, x), colour in (((20, 20), RED), ((50, 45), BLUE)):  # inside each mask kept (score >= 0.5): blended

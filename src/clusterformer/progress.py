@@ -89,6 +89,16 @@ def on_terminal(stream: TextIO | None = None) -> bool:
         return False
 
 
+def terminal_bar(total: int, description: str, unit: str = "img", enabled: bool = True):
+    """A tqdm progress bar over ``total`` items on standard error, shown only when ``enabled``, there is more than
+    one item and standard error is a terminal; otherwise one that prints nothing (a log gets the command's own
+    closing line instead). ``bar.write(text)`` prints a line above the bar, or just the line."""
+    from tqdm import tqdm
+
+    show = enabled and total > 1 and on_terminal(sys.stderr)
+    return tqdm(total=total, unit=unit, desc=description, disable=not show, file=sys.stderr)
+
+
 class EpochLines(ProgressBar):
     """A progress "bar" for logs: nothing per step, one line at the end of each training epoch (after its
     validation, when one ran), e.g. ``epoch 3/5  step 150  train/loss 1.234  val/bbox_AP50 0.123  (12.3 s)``.

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .. import pictures
-from ..data.images import load_rgb
 from ..layers.clustering import cluster_statistics
 from ..outputs import atomic_path, check_output_folder, remove_outputs, save_png, write_json
+from ..predictor import ImageInput, Predictor, as_image, eval_transform, image_tensor
 
 # what explain writes into its folder: the previous results that --overwrite deletes
 OUTPUTS = ("stage*.png", "decoder*.png", "summary.png", "clusters.json")
@@ -51,6 +50,18 @@ class ExplainModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: list[str] = field(default_factory=list)
+    predictor: Predictor | None = None  # a dense checkpoint's: its test transform is the model input's
+
+    def transform(self, size: int | None = None):
+        """The model input of an image: a dense checkpoint's test transform (:class:`~clusterformer.Predictor`'s,
+        ``size`` its shorter side), else the shorter side resized to ``size`` (default :attr:`size`), without the
+        classification crop, so that the maps cover the whole image."""
+        from ..data import transforms
+
+        if self.predictor is not None and self.dense is not None:
+            return self.predictor.transform if size is None else eval_transform(self.predictor.model, size)
+        size = size or self.size
+        return transforms.dense_eval(size, max(1333, int(size * 5 / 3)), self.mean, self.std)
 
 
 def _normalisation(backbone) -> tuple[tuple, tuple]:
@@ -66,11 +77,11 @@ def _check_backbone(backbone, what: str) -> None:
 
 
 def model_from_checkpoint(path: str | Path) -> ExplainModel:
-    """The encoder (and dense model) of a task checkpoint of any task."""
+    """The encoder (and dense model) of a task checkpoint of any task, read by :meth:`Predictor.from_checkpoint`."""
     from ..registry import TASKS
-    from ..weights import load_task_model
 
-    model = load_task_model(None, path)
+    predictor = Predictor.from_checkpoint(path)
+    model = predictor.model
     if not TASKS[model.task].dense:
         backbone, dense = model.module.model, None
         size = model.data.get("eval_resize") or model.data.get("img_size")
@@ -81,7 +92,8 @@ def model_from_checkpoint(path: str | Path) -> ExplainModel:
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     size = size or cfg.get("input_size", (3, 224, 224))[-1]
     mean, std = _normalisation(backbone)
-    return ExplainModel(backbone, dense, f"{model.task} checkpoint {path}", int(size), mean, std, model.classes)
+    return ExplainModel(backbone, dense, f"{model.task} checkpoint {path}", int(size), mean, std, model.classes,
+                        predictor)  # fmt: skip
 
 
 def model_from_timm(name: str, weights: str | Path | None = None) -> ExplainModel:
@@ -128,20 +140,15 @@ def cluster_picture(image: np.ndarray, clusters: np.ndarray, num_clusters: int, 
 
 
 @torch.no_grad()
-def compute_assignments(model: ExplainModel, image: Image.Image, size: int | None = None, device="cpu") -> dict:
-    """Run the model on ``image`` (shorter side resized to ``size``, default the model's) and return
+def compute_assignments(model: ExplainModel, image: ImageInput, size: int | None = None, device="cpu") -> dict:
+    """Run the model on ``image`` (a path, PIL image or uint8 array, as a :class:`~clusterformer.Predictor` takes
+    it; shorter side resized to ``size``, default the model's: :meth:`ExplainModel.transform`) and return
     ``input_size`` and ``maps``: per encoder stage (then the decoder) ``name``, ``stride``, soft ``assignments``
     ``(heads, K, h, w)`` cropped to the tokens that cover the image, and for the decoder ``query_scores``
     ``(Q,)`` and ``query_labels`` ``(Q,)``, each query's best class."""
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    from ..data import transforms
     from ..data.collate import pad_batch
 
-    size = size or model.size
-    transform = transforms.dense_eval(size, max(1333, int(size * 5 / 3)), model.mean, model.std)
-    tensor = transform(tv_tensors.Image(pil_to_tensor(image))).as_subclass(torch.Tensor)
+    tensor = image_tensor(as_image(image), model.transform(size))
     input_size = tuple(tensor.shape[-2:])
     batch = (pad_batch([tensor]) if model.dense is not None else tensor[None]).to(device)
     backbone = model.backbone.to(device).eval()
@@ -208,12 +215,16 @@ def explain_image(
     alpha: float = 0.5,
     device: str = "cpu",
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Write the cluster pictures of ``image_path`` to ``out`` and return what ``clusters.json`` holds. A
     non-empty ``out`` is an :class:`~clusterformer.outputs.OutputExistsError` unless ``overwrite``, which deletes
-    the previous pictures and JSON (:data:`OUTPUTS`) once the image has been read and the model has run."""
+    the previous pictures and JSON (:data:`OUTPUTS`) once the image has been read and the model has run.
+    ``progress``: a progress bar over the pictures on standard error when it is a terminal."""
+    from ..progress import terminal_bar  # imports Lightning: not at module level
+
     out = check_output_folder(out, overwrite)
-    image = load_rgb(image_path)
+    image = as_image(image_path)  # as the predictor reads it: a missing or unreadable file names itself
     result = compute_assignments(model, image, size, device)
     heads = min(m["assignments"].shape[0] for m in result["maps"])
     if not 0 <= head < heads:
@@ -225,6 +236,8 @@ def explain_image(
     report = {"image": str(image_path), "model": model.description, "image_size": list(image_size),
               "input_size": list(result["input_size"]), "head": head, "maps": []}  # fmt: skip
     panels = []
+    pictures_made = sum(1 + (m["assignments"].shape[0] if all_heads else 0) for m in result["maps"]) + 1
+    bar = terminal_bar(pictures_made, "explain", unit="picture", enabled=progress)
     for entry in result["maps"]:
         soft = entry["assignments"]  # (heads, K, h, w)
         hard = soft.argmax(1)  # (heads, h, w)
@@ -232,10 +245,12 @@ def explain_image(
         shown = token_grid_to_image(hard[head], entry["stride"], result["input_size"], image_size)
         picture = cluster_picture(pixels, shown, k, alpha)
         save_png(picture, out / f"{entry['file']}.png")
+        bar.update()
         if all_heads:
             for h in range(soft.shape[0]):
                 labels = token_grid_to_image(hard[h], entry["stride"], result["input_size"], image_size)
                 save_png(cluster_picture(pixels, labels, k, alpha), out / f"{entry['file']}_head{h}.png")
+                bar.update()
         sizes = np.bincount(hard[head].ravel(), minlength=k)
         record = {
             "name": entry["name"], "file": f"{entry['file']}.png", "stride": entry["stride"],
@@ -255,6 +270,8 @@ def explain_image(
         panels.append((f"{entry['name']}: {record['grid'][0]}x{record['grid'][1]} tokens, {record['used']}/{k} used",
                        picture))  # fmt: skip
     save_summary([("image", pixels), *panels], out / "summary.png", f"{Path(image_path).name}, head {head}")
+    bar.update()
+    bar.close()
     write_json(out / "clusters.json", report)
     return report
 
@@ -327,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.out, args.overwrite)  # before the model is built
         model = model_from_checkpoint(args.ckpt) if args.ckpt else model_from_timm(args.model, args.weights)
         report = explain_image(model, args.image, args.out, args.size, args.head, args.all_heads, args.alpha,
-                               args.device, overwrite=args.overwrite)  # fmt: skip
+                               args.device, overwrite=args.overwrite, progress=True)  # fmt: skip
     except (ValueError, OSError) as error:  # bad input: one line, no traceback
         print(f"clusterformer explain: error: {error}", file=sys.stderr)
         return 2

@@ -37,8 +37,20 @@ class ImageReadError(DatasetError):
     """An image file that cannot be used; the message names the file and the problem."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB: grayscale, palette, RGBA (alpha dropped) and 16/32-bit grayscale (scaled to 8 bits)
+    converted, RGB as it is."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as 8-bit RGB.
+    """Open an image as 8-bit RGB (:func:`to_rgb`).
 
     Grayscale, palette, RGBA (alpha dropped) and 16-bit images are converted; a missing, corrupt
     or truncated file raises :class:`ImageReadError` naming the file.
@@ -49,12 +61,7 @@ def load_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-                image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-                image = image.convert("RGBA")
-            return image.convert("RGB")
+            rgb = to_rgb(image)
+            return rgb.copy() if rgb is image else rgb  # the opened file is closed on leaving the block
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(f"{path}: not a readable image ({error})") from error
