@@ -331,8 +331,10 @@ def read_folder(folder: str | Path) -> tuple[dict, Path]:
         )
     description = read_description_file(config)
     name = description.get("weights") or WEIGHTS_NAME
+    if not isinstance(name, str) or Path(name).name != name:  # a file of the folder, nowhere else
+        raise CheckpointError(f"{config}: 'weights' must name a file of the folder, not {name!r}")
     weights = folder / name
-    if not isinstance(name, str) or Path(name).name != name or not weights.is_file():
+    if not weights.is_file():
         raise CheckpointError(f"{weights}: weights not found ({CONFIG_NAME} names {name!r})")
     _check_metadata(weights, description, config)
     return description, weights
@@ -482,7 +484,7 @@ def model_card(config: dict) -> str:
     if config.get("metrics"):
         lines += [_sentence(config.get("metrics_source") or "given", ":"), "", "| metric | value |", "| --- | --- |"]
         for name, value in config["metrics"].items():
-            shown = "n/a" if value is None else f"{value:.4f}".rstrip("0").rstrip(".") if value != 0 else "0"
+            shown = "n/a" if value is None else f"{value:.4g}"
             lines.append(f"| {_escape(name)} | {shown} |")
     else:
         lines.append("None recorded.")

@@ -10,7 +10,9 @@
 * :func:`convert_checkpoint` writes ``PREFIX.safetensors`` (the task model's state dict, keys without the task's
   ``model.`` prefix; with ``backbone_only`` just the encoder, keys without ``backbone.``) and ``PREFIX.json``
   (task, model name, number of classes and the task's hyperparameters); :func:`load_weights` rebuilds the model
-  from the pair. A classifier's file (and any ``backbone_only`` file) loads with timm::
+  from the pair (``encoder=True``: a dense model's encoder alone). ``hub.save_pretrained`` writes the same pair as a
+  Hugging Face-style folder (``model.safetensors``, ``config.json``). A classifier's file (and any ``backbone_only``
+  file) loads with timm::
 
       timm.create_model("clusterformer_nano", pretrained=True, num_classes=N,
                         pretrained_cfg_overlay=dict(file="PREFIX.safetensors", num_classes=N))

@@ -5,8 +5,9 @@ settings, saves its hyperparameters and calls ``build()``, which makes ``model``
 from the subclass's ``build_model``, ``build_criterion`` and ``build_metrics``; ``setup`` checks the data module
 against the model (``check_data``: its number of classes) and builds the metrics again with it (the COCO
 categories, the annotation file of the evaluation); AdamW over the subclass's ``param_groups`` with its per-step
-``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names). The checks of the settings
-(``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
+``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names, the last validation metrics);
+``save_pretrained`` / ``from_pretrained`` (Hugging Face-style folders, ``clusterformer.hub``). The checks of the
+settings (``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
 (``check_num_classes``) raise :class:`~clusterformer.errors.SettingError`.
 
 For the dense tasks (detection / instance, semantic, panoptic): ``DenseData``, the data loaders (shuffled,
