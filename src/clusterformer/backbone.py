@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -411,7 +412,10 @@ class ClusterFormer(nn.Module):
         norm_layer: type[nn.Module] | None = None,
         head: str = "centers",
     ):
+        # the constructor's arguments: save_pretrained writes them to config.json, which rebuilds the model
+        init_args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         super().__init__()
+        self.init_args = init_args
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         if head not in HEADS:
@@ -542,6 +546,32 @@ class ClusterFormer(nn.Module):
         self._build_head(num_classes)
         if isinstance(self.head, nn.Linear):
             self._init_weights(self.head)
+
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        *,
+        metrics: dict | None = None,
+        command: str | None = None,
+        training_data: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the model as a Hugging Face-style folder: ``config.json``, ``model.safetensors`` and a model card
+        ``README.md`` (:func:`clusterformer.hub.save_pretrained`). timm loads it back with
+        ``timm.create_model("local-dir:FOLDER")``."""
+        from .hub import save_pretrained
+
+        return save_pretrained(
+            self, folder, metrics=metrics, command=command, training_data=training_data, overwrite=overwrite
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ClusterFormer:
+        """The timm model of a folder written by ``save_pretrained``, in eval mode: a classifier with its head, an
+        encoder without one, or the encoder of a dense task's model (:func:`clusterformer.hub.load_backbone`)."""
+        from .hub import load_backbone
+
+        return load_backbone(folder)
 
     @torch.jit.ignore
     def parameters_unused_by_head(self) -> list[str]:

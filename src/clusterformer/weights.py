@@ -10,7 +10,9 @@
 * :func:`convert_checkpoint` writes ``PREFIX.safetensors`` (the task model's state dict, keys without the task's
   ``model.`` prefix; with ``backbone_only`` just the encoder, keys without ``backbone.``) and ``PREFIX.json``
   (task, model name, number of classes and the task's hyperparameters); :func:`load_weights` rebuilds the model
-  from the pair. A classifier's file (and any ``backbone_only`` file) loads with timm::
+  from the pair (``encoder=True``: a dense model's encoder alone). ``hub.save_pretrained`` writes the same pair as a
+  Hugging Face-style folder (``model.safetensors``, ``config.json``). A classifier's file (and any ``backbone_only``
+  file) loads with timm::
 
       timm.create_model("clusterformer_nano", pretrained=True, num_classes=N,
                         pretrained_cfg_overlay=dict(file="PREFIX.safetensors", num_classes=N))
@@ -150,7 +152,7 @@ def build_task(task: str, hparams: dict, path: str | Path = "checkpoint"):
         raise CheckpointError(f"{path}: cannot rebuild the {task} model from its hyperparameters ({error})") from None
 
 
-def _load_state(module: nn.Module, state: dict, path: str | Path, what: str) -> None:
+def load_state(module: nn.Module, state: dict, path: str | Path, what: str) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -170,7 +172,7 @@ def task_from_checkpoint(path: str | Path, task: str | None = None):
         raise CheckpointError(f"{path}: a {found} checkpoint, not {task}")
     state = checkpoint["state_dict"]
     module = build_task(found, older_weights_settings(found, checkpoint["hyper_parameters"], state), path)
-    _load_state(module, state, path, f"{found} model")
+    load_state(module, state, path, f"{found} model")
     return found, module.eval()
 
 
@@ -225,16 +227,24 @@ def convert_checkpoint(
     ``backbone_only`` keeps only the encoder (keys without ``backbone.``; for a classifier, the model without its
     head) to initialise another task's backbone.
     """
-    from safetensors.torch import save_file
-
     weights, info = output_paths(out)
     for path in (weights, info):
         check_output_file(path, overwrite)
     task, module = task_from_checkpoint(ckpt)
+    state, description = task_weights(task, module, backbone_only)
+    write_weights(state, weights, description)
+    with atomic_path(info) as tmp:
+        tmp.write_text(json.dumps({**description, "weights": weights.name}, indent=2) + "\n")
+    return weights, info
+
+
+def task_weights(task: str, module, backbone_only: bool = False) -> tuple[dict, dict]:
+    """``(state, description)`` of a task's LightningModule: the state dict of its model (keys without the task's
+    ``model.`` prefix; with ``backbone_only`` the encoder alone, keys without ``backbone.``, for a classifier the
+    model without its head) and its JSON description without the ``weights`` file name (:func:`describe_weights`)."""
     hparams = dict(module.hparams)
-    model = module.model
     spec = TASK_SPECS[task]
-    name = hparams[spec.model_key]
+    model = module.model
     encoder = model.backbone if spec.dense else model
     if backbone_only:
         from .backbone import CLASSIFIER_KEYS
@@ -244,24 +254,38 @@ def convert_checkpoint(
     else:
         state = model.state_dict()
         num_classes = int(hparams["num_classes"])
-    state = {k: v.detach().contiguous().clone() for k, v in state.items()}  # safetensors refuses shared storage
-    description = {
+    task_class = f"{type(module).__module__}.{type(module).__qualname__}"
+    return state, describe_weights(task, hparams[spec.model_key], num_classes, backbone_only, task_class, hparams)
+
+
+def describe_weights(
+    task: str, model: str, num_classes: int, backbone_only: bool, task_class: str, hparams: dict
+) -> dict:
+    """The JSON description of a weight file (what :func:`load_weights` reads): format, version, task, model name,
+    number of classes (0 for an encoder alone), ``backbone_only``, the task's class and its constructor arguments
+    (``hyper_parameters``, without options that would load other weights: :func:`rebuild_kwargs`)."""
+    return {
         "format": WEIGHTS_FORMAT,
         "version": WEIGHTS_VERSION,
         "task": task,
-        "model": name,
+        "model": model,
         "num_classes": num_classes,
         "backbone_only": backbone_only,
-        "task_class": f"{type(module).__module__}.{type(module).__qualname__}",
+        "task_class": task_class,
         "hyper_parameters": json_safe(rebuild_kwargs(hparams)),
     }
-    description["weights"] = weights.name
-    metadata = {"format": "pt", "task": task, "model": name, "num_classes": str(num_classes)}
-    with atomic_path(weights) as tmp:
+
+
+def write_weights(state: dict, path: Path, description: dict) -> Path:
+    """``state`` as a safetensors file at ``path``, atomically, with the description's task, model and number of
+    classes as metadata. The tensors are copied to the CPU, contiguous (safetensors refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    metadata = {"format": "pt", **{k: str(description[k]) for k in ("task", "model", "num_classes")}}
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-    with atomic_path(info) as tmp:
-        tmp.write_text(json.dumps(description, indent=2) + "\n")
-    return weights, info
+    return path
 
 
 def output_paths(out: str | Path) -> tuple[Path, Path]:
@@ -279,6 +303,14 @@ def read_description(path: str | Path) -> tuple[dict, Path]:
     if not info.is_file():
         raise CheckpointError(f"{info}: not found (the JSON that 'clusterformer convert' writes beside the "
                               f"weights says what model to build; for plain timm weights use --model)")  # fmt: skip
+    description = read_description_file(info)
+    return description, info.with_name(description.get("weights") or prefix.name + ".safetensors")
+
+
+def read_description_file(info: Path) -> dict:
+    """The checked contents of a weight file's JSON description (``PREFIX.json``, or a pretrained folder's
+    ``config.json``): a :class:`CheckpointError` naming the file when it is not JSON, not a description, or of an
+    unknown task."""
     try:
         description = json.loads(info.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -287,11 +319,13 @@ def read_description(path: str | Path) -> tuple[dict, Path]:
         raise CheckpointError(f'{info}: not a {WEIGHTS_FORMAT} description (no "format": "{WEIGHTS_FORMAT}")')
     if description.get("task") not in TASKS:
         raise CheckpointError(f"{info}: unknown task {description.get('task')!r}")
-    weights = info.with_name(description.get("weights") or prefix.name + ".safetensors")
-    return description, weights
+    for key, kind in (("model", str), ("num_classes", int), ("hyper_parameters", dict)):
+        if not isinstance(description.get(key), kind) or isinstance(description.get(key), bool):
+            raise CheckpointError(f"{info}: {key!r} is missing or not a {kind.__name__}")
+    return description
 
 
-def _read_safetensors(path: Path) -> dict:
+def read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -303,26 +337,33 @@ def _read_safetensors(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a safetensors file ({error})") from None
 
 
-def load_weights(path: str | Path) -> nn.Module:
+def load_weights(path: str | Path, encoder: bool = False) -> nn.Module:
     """The model (not the LightningModule) described by a ``convert_checkpoint`` pair, with its weights, in eval
-    mode: a timm classifier, a dense ``ClusterFormerSets``, or the encoder alone for a ``backbone_only`` file."""
+    mode: a timm classifier, a dense ``ClusterFormerSets``, or the encoder alone for a ``backbone_only`` file.
+    ``encoder``: of a dense model's file, only its encoder (the timm model under ``backbone.``, without head)."""
     import timm
 
     import clusterformer  # noqa: F401  (registers the models with timm)
 
     description, weights = read_description(path)
-    state = _read_safetensors(weights)
-    hparams = older_weights_settings(description["task"], description.get("hyper_parameters") or {}, state)
+    state = read_safetensors(weights)
+    hparams = older_weights_settings(description["task"], description["hyper_parameters"], state)
     spec = TASK_SPECS[description["task"]]
-    if not spec.dense or description.get("backbone_only"):
+    num_classes = description["num_classes"]
+    if spec.dense and encoder and not description.get("backbone_only"):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        if not state:
+            raise CheckpointError(f"{weights}: no encoder weights (no keys under 'backbone.')")
+        num_classes = 0
+    if not spec.dense or description.get("backbone_only") or encoder:
         options = rebuild_kwargs(hparams).get(spec.encoder_options) or {}
         try:
-            model = timm.create_model(description["model"], num_classes=description["num_classes"], **options)
+            model = timm.create_model(description["model"], num_classes=num_classes, **options)
         except (RuntimeError, ValueError, TypeError) as error:
             raise CheckpointError(f"{weights}: cannot build {description['model']!r} ({error})") from None
     else:
         model = build_task(description["task"], hparams, weights).model
-    _load_state(model, state, weights, description["model"])
+    load_state(model, state, weights, description["model"])
     return model.eval()
 
 
@@ -334,7 +375,7 @@ def load_timm_weights(name: str, weights: str | Path, num_classes: int | None = 
     import clusterformer  # noqa: F401
 
     path = Path(weights)
-    state = _read_safetensors(path)  # checks the file and gives the head size
+    state = read_safetensors(path)  # checks the file and gives the head size
     head = state.get("head.weight")
     found = int(head.shape[0]) if head is not None else 0
     num_classes = found if num_classes is None else num_classes
@@ -396,16 +437,28 @@ def load_task_model(
         raise CheckpointError(f"{path}: a {found} checkpoint, not {task} (use --task {found})")
     _, module = task_from_checkpoint(path, found)
     hparams = dict(module.hparams)
+    if class_names is not None and len(class_names) != int(hparams["num_classes"]):
+        raise CheckpointError(
+            f"{len(class_names)} class names given but the checkpoint {path} has {hparams['num_classes']} classes"
+        )
+    names, categories = task_labels(hparams, class_names or checkpoint.get(CLASSES_KEY), checkpoint.get(CATEGORIES_KEY))
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    return TaskModel(found, module.eval(), names, categories, dict(data))
+
+
+def task_labels(
+    hparams: dict, classes: Sequence[str] | None = None, categories: Sequence[dict] | None = None
+) -> tuple[list[str], list[dict]]:
+    """``(names, categories)``: a name and a COCO category dict per label of a task with ``hparams``. The stored
+    ``categories`` when there is one per class, else ids ``label + 1`` (the first ``num_things`` labels things);
+    the names from ``classes``, else from the categories, else ``class 0``, ``class 1``, ..."""
     num_classes = int(hparams["num_classes"])
-    stored = checkpoint.get(CATEGORIES_KEY) or []
+    stored = categories or []
     categories = [dict(c) for c in stored] if len(stored) == num_classes else []
-    names = list(class_names or checkpoint.get(CLASSES_KEY) or [c.get("name") for c in categories])
-    if class_names is not None and len(names) != num_classes:
-        raise CheckpointError(f"{len(names)} class names given but the checkpoint {path} has {num_classes} classes")
+    names = list(classes or [c.get("name") for c in categories])
     if len(names) != num_classes or not all(names):
         names = [f"class {i}" for i in range(num_classes)]
     if not categories:  # COCO category ids: label + 1
         things = hparams.get("num_things", num_classes)
         categories = [{"id": i + 1, "name": names[i], "isthing": int(i < things)} for i in range(num_classes)]
-    data = checkpoint.get("datamodule_hyper_parameters") or {}
-    return TaskModel(found, module.eval(), names, categories, dict(data))
+    return names, categories

@@ -5,8 +5,9 @@ settings, saves its hyperparameters and calls ``build()``, which makes ``model``
 from the subclass's ``build_model``, ``build_criterion`` and ``build_metrics``; ``setup`` checks the data module
 against the model (``check_data``: its number of classes) and builds the metrics again with it (the COCO
 categories, the annotation file of the evaluation); AdamW over the subclass's ``param_groups`` with its per-step
-``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names). The checks of the settings
-(``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
+``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names, the last validation metrics);
+``save_pretrained`` / ``from_pretrained`` (Hugging Face-style folders, ``clusterformer.hub``). The checks of the
+settings (``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
 (``check_num_classes``) raise :class:`~clusterformer.errors.SettingError`.
 
 For the dense tasks (detection / instance, semantic, panoptic): ``DenseData``, the data loaders (shuffled,
@@ -23,6 +24,7 @@ import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from numbers import Integral, Real
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -131,6 +133,17 @@ def check_finite(module: L.LightningModule, loss: torch.Tensor) -> None:
         )
 
 
+METRICS_KEY = "clusterformer_metrics"  # the last validation metrics, in the task checkpoints
+
+
+def validation_metrics(module: L.LightningModule) -> dict[str, float]:
+    """The validation metrics (``val/...``) that ``module`` logged last, as floats; ``{}`` without a trainer."""
+    if module._trainer is None:
+        return {}
+    metrics = module.trainer.callback_metrics
+    return {name: float(value) for name, value in sorted(metrics.items()) if name.startswith("val/")}
+
+
 class BaseTask(L.LightningModule, ABC):
     """Base of the Lightning tasks: ``model``, ``criterion`` and ``metrics`` from the subclass's builders, the
     class-count check of the data, AdamW with a per-step schedule, and the checkpoint extras.
@@ -201,16 +214,50 @@ class BaseTask(L.LightningModule, ABC):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """RNG states (exact resume), the task name (``weights.task_from_checkpoint``) and the class names
-        (``clusterformer predict``)."""
+        """RNG states (exact resume), the task name (``weights.task_from_checkpoint``), the class names
+        (``clusterformer predict``) and the last validation metrics (the model card of ``save_pretrained``)."""
         checkpoint["rng_states"] = rng_states()
         checkpoint["clusterformer_task"] = self.task_name
         save_dataset_info(self, checkpoint)
+        metrics = validation_metrics(self)
+        if metrics:
+            checkpoint[METRICS_KEY] = metrics
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         load_dataset_info(self, checkpoint)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+
+    # --- Hugging Face-style folders -----------------------------------------------------------------
+    def save_pretrained(
+        self,
+        folder: str | Path,
+        *,
+        metrics: dict | None = None,
+        command: str | None = None,
+        training_data: str | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the task's model as a folder of ``config.json``, ``model.safetensors`` and a model card
+        ``README.md`` (:func:`clusterformer.hub.save_pretrained`); :meth:`from_pretrained` reads it back."""
+        from ..hub import save_pretrained
+
+        return save_pretrained(
+            self, folder, metrics=metrics, command=command, training_data=training_data, overwrite=overwrite
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> BaseTask:
+        """The task module of a folder written by :meth:`save_pretrained`, in eval mode, with its class names
+        (:func:`clusterformer.hub.from_pretrained` returns them with the data settings). A folder of another
+        task's model is a :class:`~clusterformer.weights.CheckpointError`."""
+        from ..hub import from_pretrained
+        from ..weights import CheckpointError
+
+        loaded = from_pretrained(folder)
+        if not isinstance(loaded.module, cls):
+            raise CheckpointError(f"{folder}: holds a {loaded.task} model, not a {cls.__name__}")
+        return loaded.module
 
 
 class DenseTask(BaseTask):
