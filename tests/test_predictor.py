@@ -306,3 +306,20 @@ def test_a_progress_bar_only_on_a_terminal(predictors, shapes, monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         predictors["classification"](paths, progress=True)
         assert ("3/3" in stream.getvalue()) == drawn and ("predict classification" in stream.getvalue()) == drawn
+
+
+@pytest.mark.parametrize("task", ["detection", "panoptic"])
+def test_a_save_pretrained_folder_predicts_as_its_checkpoint(task, checkpoints, predictors, shapes, tmp_path):
+    from clusterformer.hub import save_pretrained
+
+    folder = save_pretrained(checkpoints[task], tmp_path / task)
+    predictor = Predictor.from_pretrained(folder, score_threshold=0.0)
+    assert predictor.task == task and predictor.classes == predictors[task].classes
+    for path in val_images(shapes)[:2]:
+        assert same_result(predictor(path), predictors[task](path)), path
+    with pytest.raises(CheckpointError, match=f"a {task} model, not semantic"):
+        Predictor.from_checkpoint(folder, task="semantic")
+    names = [f"n{i}" for i in range(len(predictor.classes))]
+    assert Predictor.from_checkpoint(folder, class_names=names).classes == names
+    with pytest.raises(CheckpointError, match="1 class names given"):
+        Predictor.from_checkpoint(folder, class_names=["x"])

@@ -26,7 +26,7 @@ from PIL import Image
 from .data.images import load_rgb, to_rgb
 from .registry import TASKS
 from .results import DEFAULT_SCORE_THRESHOLD, ClassInfo, Result, classification_result, computed_size, dense_result
-from .weights import TaskModel, load_task_model
+from .weights import CheckpointError, TaskModel, load_task_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ImageInput = str | Path | Image.Image | np.ndarray
@@ -160,11 +160,27 @@ class Predictor:
         precision: str = "fp32",
         **options,
     ) -> Predictor:
-        """A predictor of the Lightning checkpoint at ``path`` (read weights-only: a checkpoint never runs code).
+        """A predictor of the Lightning checkpoint at ``path`` (read weights-only: a checkpoint never runs code), or
+        of a folder that ``save_pretrained`` wrote (``hub.from_pretrained``: ``config.json`` + ``model.safetensors``).
         ``task``: the task expected (``None``: the checkpoint's; another is a ``CheckpointError``);
         ``class_names``: names in label order, replacing the stored ones; ``options``: :class:`Predictor`'s."""
-        model = load_task_model(task, path, class_names)
+        if Path(path).is_dir():
+            from .hub import from_pretrained
+
+            model = from_pretrained(path)
+            if task is not None and model.task != task:
+                raise CheckpointError(f"{path}: a {model.task} model, not {task} (use --task {model.task})")
+            if class_names is not None:
+                if len(class_names) != len(model.classes):
+                    raise CheckpointError(
+                        f"{len(class_names)} class names given but the model in {path} has {len(model.classes)} classes"
+                    )
+                model.classes = list(class_names)
+        else:
+            model = load_task_model(task, path, class_names)
         return cls(model, device=device, precision=precision, **options)
+
+    from_pretrained = from_checkpoint  # the same: a checkpoint file or a save_pretrained folder
 
     @property
     def task(self) -> str:
