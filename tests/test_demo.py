@@ -269,3 +269,34 @@ def test_targets_say_what_was_met_and_what_was_missed(tmp_path):
     assert "Missed: detection val/bbox_AP50, panoptic val/PQ_th." in text
     full["targets"] = [row | {"met": True} for row in full["targets"]]
     assert "Every target met." in "\n".join(target_lines(full))
+
+
+def test_the_thing_class_probe_runs_on_a_demo_folder(uninterrupted, tmp_path, monkeypatch, capsys):
+    """benchmarks/thing_class_probe.py (docs/training.md): every encoder of a finished demo run probed, four stages
+    each; the off-centre crops keep the whole object on a one-colour canvas."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).parent.parent / "benchmarks" / "thing_class_probe.py"
+    spec = importlib.util.spec_from_file_location("thing_class_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out, _ = uninterrupted
+    rng = np.random.default_rng(0)
+    images, labels = probe.crop_images(out / "data", "train", 3, None, rng)
+    centred = images[:, :, 12:52, 12:52]
+    assert images.shape[-2:] == (64, 64) and len(images) == len(labels) > 0
+    border = images[:, :, :12].flatten(2)
+    assert (border == border[..., :1]).all()  # one colour around the 40-px crop
+    assert not (centred == border[..., :1, None]).all()
+    monkeypatch.setattr("sys.argv", ["probe", str(out), "--train-steps", "2", "--json", str(tmp_path / "p.json")])
+    probe.main()
+    results = json.loads((tmp_path / "p.json").read_text())
+    assert set(results) == {*TASKS, "trained_on_scenes", "seconds"}
+    assert set(results["classification"]) >= {"crops", "crops 40 px", "crops shifted", "scenes"}
+    for task in TASKS:
+        assert len(results[task]["scenes"]) == 4 and all(0 <= a <= 1 for a in results[task]["scenes"]), task
+    assert [step for step, _ in results["trained_on_scenes"]] == [2]
+    assert "the classifier itself on the validation crops shifted" in capsys.readouterr().out
