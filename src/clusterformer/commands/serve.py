@@ -17,6 +17,7 @@ other front ends. See ``docs/predict_explain.md``, "Web demo".
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from .. import pictures
 from ..predictor import ImageInput, Predictor, as_image
 from ..results import Classification, Detections, PanopticMap, Result, SemanticMap
 from .explain import ExplainModel, compute_assignments, draw_clusters, model_from_predictor
+from .predict import read_class_names
 
 MAX_SIDE = 1024  # pictures on the page: a larger image is drawn scaled down to this longer side
 MONTAGE_SIDE = 256  # "all heads": the smallest longer side of a head's picture
@@ -214,6 +216,16 @@ def montage(panels: list[np.ndarray], gap: int = 4) -> np.ndarray:
     return sheet
 
 
+def _without_buttons(gr) -> dict:
+    """``gr.Image`` options that leave out the buttons it draws over the picture's top-right corner, where the
+    semantic and panoptic legends are (``buttons`` since Gradio 6, ``show_*_button`` before)."""
+    parameters = inspect.signature(gr.Image.__init__).parameters
+    if "buttons" in parameters:
+        return {"buttons": []}
+    names = ("show_download_button", "show_share_button", "show_fullscreen_button")
+    return {name: False for name in names if name in parameters}
+
+
 def build_app(predictor_or_ckpt: WebDemo | Predictor | str | Path, title: str | None = None):
     """The web page (a ``gr.Blocks``) for a task checkpoint's path, a :class:`~clusterformer.Predictor` or a
     :class:`WebDemo`. ``app.launch(server_name=..., server_port=...)`` serves it; tests launch it with
@@ -247,12 +259,12 @@ def build_app(predictor_or_ckpt: WebDemo | Predictor | str | Path, title: str | 
                 # the images' labels would cover the top-left corner, where classification writes its classes
                 gr.Markdown("**prediction**")
                 prediction = gr.Image(label="prediction", show_label=False, format="png", interactive=False,
-                                      elem_id="prediction")  # fmt: skip
+                                      elem_id="prediction", **_without_buttons(gr))  # fmt: skip
                 summary = gr.Label(label="classes", elem_id="summary")
             with gr.Column():
                 gr.Markdown("**cluster map**")
                 cluster_map = gr.Image(label="cluster map", show_label=False, format="png", interactive=False,
-                                       elem_id="cluster-map")  # fmt: skip
+                                       elem_id="cluster-map", **_without_buttons(gr))  # fmt: skip
                 caption = gr.Markdown(elem_id="map-caption")
                 stage = gr.Slider(1, demo.num_maps, value=1, step=1, label="stage",
                                   info=f"encoder stages 1-{stages}{decoder}", elem_id="stage")  # fmt: skip
@@ -282,6 +294,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--class-names", help="text file, one class name per line in label order (as for predict)")
     parser.add_argument(
         "--score-threshold",
         type=float,
@@ -295,8 +308,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if not Path(args.ckpt).is_file():
             raise ServeError(f"{args.ckpt}: checkpoint file not found")
+        class_names = read_class_names(args.class_names) if args.class_names else None
         import_gradio()  # before the model is loaded
-        demo = WebDemo.from_checkpoint(args.ckpt, device=args.device, score_threshold=args.score_threshold)
+        demo = WebDemo.from_checkpoint(args.ckpt, device=args.device, score_threshold=args.score_threshold,
+                                       class_names=class_names)  # fmt: skip
         app = build_app(demo)
         print(f"clusterformer serve: {demo.model.description} on http://{args.host}:{args.port} (Ctrl-C stops)")
         app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=True)
