@@ -43,3 +43,4 @@ def pytest_addoption(parser):
     # demo", says how it was made)
     parser.addoption("--web-demo-screenshot", metavar="PNG", help="test_serve.py: also save the page's screenshot here")
     parser.addoption("--web-demo-ckpt", metavar="CKPT", help="test_serve.py: the browser test's checkpoint")
+    parser.addoption("--web-demo-class-names", metavar="TXT", help="test_serve.py: its class names, one per line")

@@ -3,9 +3,11 @@ cluster maps drawn as ``explain`` draws them), the command's errors before any s
 headless browser (Debian's Chromium and its driver: skipped when they are missing, a failure when ``CI`` is set, so
 that CI, which installs them, always runs it).
 
-``pytest tests/test_serve.py --web-demo-ckpt CKPT --web-demo-screenshot PNG`` runs the browser test on another
-checkpoint and keeps its screenshot (docs/images/web_demo.png was made so: docs/predict_explain.md, "Web demo")."""
+``pytest tests/test_serve.py --web-demo-ckpt CKPT [--web-demo-class-names TXT] --web-demo-screenshot PNG`` runs the
+browser test on another checkpoint and keeps its screenshot (docs/images/web_demo.png was made so:
+docs/predict_explain.md, "Web demo")."""
 
+import base64
 import importlib
 import os
 import shutil
@@ -21,6 +23,7 @@ from PIL import Image
 from clusterformer.cli import main
 from clusterformer.commands import serve
 from clusterformer.commands.explain import explain_image
+from clusterformer.commands.predict import read_class_names
 from clusterformer.commands.serve import WebDemo, example_images, label_summary
 from helpers import SIZE, train_one_step
 
@@ -143,6 +146,9 @@ def test_a_bad_checkpoint_is_one_line_before_any_server_starts(tmp_path, capsys,
         assert main(["serve", "--ckpt", str(path)]) == 2
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert line.startswith("clusterformer serve: error: ") and str(path) in line
+    names = tmp_path / "names.txt"
+    assert main(["serve", "--ckpt", str(broken), "--class-names", str(names)]) == 2  # a missing names file
+    assert f"clusterformer serve: error: {names}: cannot read the class names" in capsys.readouterr().err
 
 
 def test_without_gradio_the_error_names_the_extra(checkpoint, capsys, monkeypatch):
@@ -165,8 +171,11 @@ def served(request, checkpoint):
     """The page of ``--web-demo-ckpt`` (default a one-step panoptic checkpoint, whose maps include the decoder's),
     launched on a free port; yields its URL and closes it."""
     needed("gradio")
+    from clusterformer import Predictor
+
     ckpt = request.config.getoption("--web-demo-ckpt") or checkpoint("panoptic")
-    app = serve.build_app(ckpt)
+    names = request.config.getoption("--web-demo-class-names")
+    app = serve.build_app(Predictor.from_checkpoint(ckpt, class_names=names and read_class_names(names)))
     _, url, _ = app.launch(
         server_name="127.0.0.1", server_port=free_port(), share=False, prevent_thread_lock=True, quiet=True
     )
@@ -230,12 +239,13 @@ def test_the_page_predicts_an_uploaded_image_in_a_headless_browser(served, reque
         WebDriverWait(driver, 30).until(lambda d: "stage 1" in d.find_element(By.ID, "map-caption").text)
         assert driver.find_element(By.ID, "summary").text.strip()
         print(f"first prediction shown after {time.monotonic() - started:.1f} s")
-        # the whole page: as tall as its content
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1400, max(1000, height))
-        time.sleep(0.5)
+        # the whole page, as tall as its content
+        size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+        screenshot = driver.execute_cdp_cmd("Page.captureScreenshot",
+                                            {"format": "png", "captureBeyondViewport": True, "clip": clip})  # fmt: skip
         shot = tmp_path / "web_demo.png"
-        assert driver.save_screenshot(str(shot))
+        shot.write_bytes(base64.b64decode(screenshot["data"]))
     finally:
         driver.quit()
     with Image.open(shot) as picture:
