@@ -183,6 +183,17 @@ def served(request, checkpoint):
     app.close()
 
 
+def test_a_port_in_use_is_one_line(checkpoint, capsys):
+    needed("gradio")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--ckpt", str(checkpoint("classification")), "--port", str(port)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"clusterformer serve: error: --host 127.0.0.1 --port {port}: cannot serve there")
+
+
 def chromium() -> tuple[str, str]:
     """The paths of Chromium and its driver (Debian's ``chromium`` and ``chromium-driver``)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

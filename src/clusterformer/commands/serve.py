@@ -313,8 +313,15 @@ def run(args: argparse.Namespace) -> int:
         demo = WebDemo.from_checkpoint(args.ckpt, device=args.device, score_threshold=args.score_threshold,
                                        class_names=class_names)  # fmt: skip
         app = build_app(demo)
-        print(f"clusterformer serve: {demo.model.description} on http://{args.host}:{args.port} (Ctrl-C stops)")
-        app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=True)
+        try:
+            _, url, _ = app.launch(server_name=args.host, server_port=args.port, share=False, show_error=True,
+                                   quiet=True, prevent_thread_lock=True)  # fmt: skip
+        except OSError as error:  # Gradio's message names its own parameters
+            reason = str(error).split(". ")[0]
+            raise ServeError(f"--host {args.host} --port {args.port}: cannot serve there ({reason}); choose another "
+                             "--port") from None  # fmt: skip
+        print(f"clusterformer serve: {demo.model.description} on {url} (Ctrl-C stops)")
+        app.block_thread()  # until Ctrl-C
     except (ValueError, OSError) as error:  # bad input, a port in use: one line, no traceback
         print(f"clusterformer serve: error: {error}", file=sys.stderr)
         return 2
