@@ -216,7 +216,7 @@ def test_a_missing_browser_skips_locally_and_fails_under_ci(monkeypatch):
         chromium()
 
 
-def test_the_page_predicts_an_uploaded_image_in_a_headless_browser(served, request, tmp_path):
+def test_the_page_predicts_an_uploaded_image_and_an_example_in_a_headless_browser(served, request, tmp_path):
     browser, driver_path = chromium()
     webdriver = needed("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
@@ -237,16 +237,19 @@ def test_the_page_predicts_an_uploaded_image_in_a_headless_browser(served, reque
         upload = WebDriverWait(driver, 60).until(
             lambda d: d.find_element(By.CSS_SELECTOR, "#input-image input[type=file]")
         )
-        examples = driver.execute_script(images, "#examples")
-        assert len(examples) == len(example_images()) and all(width > 0 for _, width in examples)
+        count = len(example_images())
+        WebDriverWait(driver, 60).until(  # the thumbnails, loaded
+            lambda d: sum(width > 0 for _, width in d.execute_script(images, "#examples")) == count
+        )
         upload.send_keys(str(scene))
         started = time.monotonic()
+        sources = {}
         for element in ("#prediction", "#cluster-map"):  # the result images, loaded
             shown = WebDriverWait(driver, BROWSER_TIMEOUT).until(
                 lambda d, element=element: [(src, w) for src, w in d.execute_script(images, element) if w > 0]
             )
-            (src, width), *_ = shown
-            assert src.startswith("http") and width >= 512
+            (sources[element], width), *_ = shown
+            assert sources[element].startswith("http") and width >= 512
         WebDriverWait(driver, 30).until(lambda d: "stage 1" in d.find_element(By.ID, "map-caption").text)
         assert driver.find_element(By.ID, "summary").text.strip()
         print(f"first prediction shown after {time.monotonic() - started:.1f} s")
@@ -257,6 +260,11 @@ def test_the_page_predicts_an_uploaded_image_in_a_headless_browser(served, reque
                                             {"format": "png", "captureBeyondViewport": True, "clip": clip})  # fmt: skip
         shot = tmp_path / "web_demo.png"
         shot.write_bytes(base64.b64decode(screenshot["data"]))
+        # an example, clicked, is predicted in turn
+        driver.find_elements(By.CSS_SELECTOR, "#examples img")[0].click()
+        WebDriverWait(driver, BROWSER_TIMEOUT).until(
+            lambda d: any(w > 0 and src != sources["#prediction"] for src, w in d.execute_script(images, "#prediction"))
+        )
     finally:
         driver.quit()
     with Image.open(shot) as picture:
