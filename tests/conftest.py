@@ -36,3 +36,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_addoption(parser):
+    # tests/test_serve.py's browser test: the screenshot of the web demo in the docs (docs/predict_explain.md, "Web
+    # demo", says how it was made)
+    parser.addoption("--web-demo-screenshot", metavar="PNG", help="test_serve.py: also save the page's screenshot here")
+    parser.addoption("--web-demo-ckpt", metavar="CKPT", help="test_serve.py: the browser test's checkpoint")
+    parser.addoption("--web-demo-class-names", metavar="TXT", help="test_serve.py: its class names, one per line")

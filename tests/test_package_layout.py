@@ -72,7 +72,7 @@ def test_explain_does_not_import_predict():
     assert not within(imports(SOURCE / "commands" / "explain.py"), "clusterformer.commands.predict")
 
 
-@pytest.mark.parametrize("command", ["predict", "explain", "demo"])
+@pytest.mark.parametrize("command", ["predict", "explain", "serve", "demo"])
 def test_commands_that_run_models_reach_the_tasks_through_the_registry(command):
     """No ``clusterformer.tasks`` import at all (the classes come from ``registry.TASKS``, checkpoints from
     ``weights``), and no Lightning at module level (``clusterformer --help`` stays light)."""

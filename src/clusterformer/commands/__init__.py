@@ -8,9 +8,9 @@ nothing below them imports a command."""
 
 from __future__ import annotations
 
-from . import ablate, benchmark, convert, demo, evaluate, explain, export, make_shapes, predict
+from . import ablate, benchmark, convert, demo, evaluate, explain, export, make_shapes, predict, serve
 
 # in the order of ``clusterformer --help``
-COMMANDS = (predict, explain, export, convert, benchmark, make_shapes, demo, evaluate, ablate)
+COMMANDS = (predict, explain, serve, export, convert, benchmark, make_shapes, demo, evaluate, ablate)
 
 __all__ = ["COMMANDS"]

@@ -78,9 +78,14 @@ def _check_backbone(backbone, what: str) -> None:
 
 def model_from_checkpoint(path: str | Path) -> ExplainModel:
     """The encoder (and dense model) of a task checkpoint of any task, read by :meth:`Predictor.from_checkpoint`."""
+    return model_from_predictor(Predictor.from_checkpoint(path), f"checkpoint {path}")
+
+
+def model_from_predictor(predictor: Predictor, source: str = "checkpoint") -> ExplainModel:
+    """The encoder (and dense model) of a :class:`~clusterformer.Predictor`'s task model, shared with it (the same
+    modules, on its device); ``source`` names where the model came from in error messages and the description."""
     from ..registry import TASKS
 
-    predictor = Predictor.from_checkpoint(path)
     model = predictor.model
     if not TASKS[model.task].dense:
         backbone, dense = model.module.model, None
@@ -88,11 +93,11 @@ def model_from_checkpoint(path: str | Path) -> ExplainModel:
     else:
         backbone, dense = model.module.model.backbone, model.module.model
         size = model.data.get("test_shorter_side")
-    _check_backbone(backbone, str(path))
+    _check_backbone(backbone, source)
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     size = size or cfg.get("input_size", (3, 224, 224))[-1]
     mean, std = _normalisation(backbone)
-    return ExplainModel(backbone, dense, f"{model.task} checkpoint {path}", int(size), mean, std, model.classes,
+    return ExplainModel(backbone, dense, f"{model.task} {source}", int(size), mean, std, model.classes,
                         predictor)  # fmt: skip
 
 
@@ -137,6 +142,21 @@ def cluster_picture(image: np.ndarray, clusters: np.ndarray, num_clusters: int, 
     picture = pictures.blend(image, colours, alpha)
     picture[pictures.boundaries(clusters)] = pictures.WHITE
     return picture
+
+
+def draw_clusters(
+    image: np.ndarray,
+    labels: np.ndarray,
+    num_clusters: int,
+    stride: int,
+    input_size: tuple[int, int],
+    alpha: float = 0.5,
+) -> np.ndarray:
+    """One head's hard assignment ``labels (h, w)`` (tokens of ``stride`` pixels of a model input of ``input_size``)
+    drawn over ``image (H, W, 3)``, the image the model input was made from at any size: :func:`cluster_picture`
+    of :func:`token_grid_to_image`."""
+    clusters = token_grid_to_image(labels, stride, input_size, image.shape[:2])
+    return cluster_picture(image, clusters, num_clusters, alpha)
 
 
 @torch.no_grad()
@@ -242,14 +262,13 @@ def explain_image(
         soft = entry["assignments"]  # (heads, K, h, w)
         hard = soft.argmax(1)  # (heads, h, w)
         k = soft.shape[1]
-        shown = token_grid_to_image(hard[head], entry["stride"], result["input_size"], image_size)
-        picture = cluster_picture(pixels, shown, k, alpha)
+        picture = draw_clusters(pixels, hard[head], k, entry["stride"], result["input_size"], alpha)
         save_png(picture, out / f"{entry['file']}.png")
         bar.update()
         if all_heads:
             for h in range(soft.shape[0]):
-                labels = token_grid_to_image(hard[h], entry["stride"], result["input_size"], image_size)
-                save_png(cluster_picture(pixels, labels, k, alpha), out / f"{entry['file']}_head{h}.png")
+                head_picture = draw_clusters(pixels, hard[h], k, entry["stride"], result["input_size"], alpha)
+                save_png(head_picture, out / f"{entry['file']}_head{h}.png")
                 bar.update()
         sizes = np.bincount(hard[head].ravel(), minlength=k)
         record = {
