@@ -123,6 +123,61 @@ def test_decoder_visits_the_levels_in_turn_and_returns_every_layer():
     assert seen == [2 * 3, 4 * 6, 8 * 12]  # strides 32, 16, 8
 
 
+class _PixelUpdatingLayer(ClusteringDecoderLayer):
+    """A decoder kind for the switch's test: blocks of layers per level, coarse first, and pixel features that every
+    layer updates (adds 1 to) for the layers after it."""
+
+    updates_pixels = True
+
+    @staticmethod
+    def levels(num_layers, num_levels):
+        return [i * num_levels // num_layers for i in range(num_layers)]
+
+    def forward(self, queries, query_pos, memory, *args):
+        return super().forward(queries, query_pos, memory, *args), memory + 1
+
+
+class _HalfPixelPath(torch.nn.Module):
+    """A pixel path for the switch's test: the FPN's outputs, halved."""
+
+    def __init__(self, in_channels, dim, mask_dim):
+        super().__init__()
+        from clusterformer.heads.decoder import PixelDecoder
+
+        self.fpn = PixelDecoder(in_channels, dim, mask_dim)
+
+    def forward(self, features):
+        mask_features, levels = self.fpn(features)
+        return mask_features / 2, [level / 2 for level in levels]
+
+
+def test_the_decoder_kind_and_pixel_path_switches(monkeypatch):
+    from clusterformer.heads import decoder as decoder_module
+
+    with pytest.raises(ValueError, match="decoder kind must be one of .'clusterformer'.*got 'kmeans'"):
+        ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=6, kind="kmeans", **NANO_DECODER)
+    with pytest.raises(ValueError, match="pixel_path must be one of .'fpn'.*got 'x'"):
+        ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=6, pixel_path="x", **NANO_DECODER)
+    monkeypatch.setitem(decoder_module.DECODER_LAYERS, "test", _PixelUpdatingLayer)
+    monkeypatch.setitem(decoder_module.PIXEL_PATHS, "half", _HalfPixelPath)
+    settings = dict(NANO_DECODER, num_layers=6)
+    torch.manual_seed(0)
+    decoder = ClusteringDecoder((8, 16, 24, 32), center_dim=12, num_centers=6, num_queries=6, kind="test",
+                                pixel_path="half", **settings)  # fmt: skip
+    assert all(type(layer) is _PixelUpdatingLayer for layer in decoder.layers)
+    assert decoder.level_order == [0, 0, 1, 1, 2, 2]
+    seen = []
+    for layer in decoder.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append((args[2].shape[1], args[2].mean().item())))
+    features, centers = features_for(), torch.randn(2, 6, 12)
+    decoder(features, centers)
+    assert [n for n, _ in seen] == [6, 6, 24, 24, 96, 96]  # two layers at each of strides 32, 16, 8
+    for first, second in (seen[0:2], seen[2:4], seen[4:6]):  # the second layer of a level reads the first's update
+        assert second[1] == pytest.approx(first[1] + 1, abs=1e-5)
+    mask_features, levels = decoder.pixel_decoder.fpn(features)
+    assert seen[0][1] == pytest.approx((levels[0] / 2).mean().item(), abs=1e-6)
+
+
 def test_query_initialisation_from_encoder_centers_or_free():
     torch.manual_seed(0)
     feats = features_for()

@@ -258,6 +258,28 @@ def foreground_blocked(
     return torch.cat([part & ~part.all(dim=-1, keepdim=True) for part in parts], dim=-1)
 
 
+def cycled_levels(num_layers: int, num_levels: int) -> list[int]:
+    """The feature level of each decoder layer: the levels in turn, coarse to fine (32, 16, 8, 32, ...), as
+    Mask2Former and the paper's decoder visit them."""
+    return [i % num_levels for i in range(num_layers)]
+
+
+# ``decoder.kind``: the class of the decoder's layers. A layer is built as ``Layer(dim, num_heads, iterations,
+# ffn_dim, dropout, m_step, temperature)`` and called as ``ClusteringDecoderLayer`` is; a class may say which level
+# each layer reads (``levels(num_layers, num_levels)``, default :func:`cycled_levels`) and, with ``updates_pixels =
+# True``, return ``(queries, memory)``: the level's pixel features, updated, for the layers after it.
+DECODER_LAYERS: dict[str, type[nn.Module]] = {"clusterformer": ClusteringDecoderLayer}
+# ``decoder.pixel_path``: what turns the backbone's four maps into the decoder's levels and the mask features, built
+# as ``PixelPath(in_channels, dim, mask_dim)`` and called as ``PixelDecoder`` is
+PIXEL_PATHS: dict[str, type[nn.Module]] = {"fpn": PixelDecoder}
+
+
+def _registered(table: dict[str, type], name: str, option: str) -> type:
+    if name not in table:
+        raise ValueError(f"{option} must be one of {tuple(table)}, got {name!r}")
+    return table[name]
+
+
 class ClusteringDecoder(nn.Module):
     """Pixel decoder + ``num_layers`` clustering layers over three feature levels.
 
@@ -276,6 +298,9 @@ class ClusteringDecoder(nn.Module):
         masked_attention: restrict each layer's E-step to each query's foreground as the previous prediction
             (of the initial queries, for the first layer) gives it: Mask2Former's masked attention in clustering
             terms (``foreground_blocked``); needs the mask head.
+        kind: the decoder layers (:data:`DECODER_LAYERS`): ``"clusterformer"``, the paper's recurrent cross-attention
+            clustering (``ClusteringDecoderLayer``).
+        pixel_path: the pixel features (:data:`PIXEL_PATHS`): ``"fpn"``, the paper's FPN (``PixelDecoder``).
         query_selection: the task head scores every encoder center (``proposals``) and the ``num_queries``
             top-scoring ones start the queries (DINO's / Mask DINO's query selection, from the cluster centers):
             their projections are the queries' content (``query_init="encoder"``; with ``"free"`` the content is
@@ -304,8 +329,13 @@ class ClusteringDecoder(nn.Module):
         temperature: float | None = None,
         masked_attention: bool = False,
         query_selection: bool = False,
+        kind: str = "clusterformer",
+        pixel_path: str = "fpn",
     ):
         super().__init__()
+        layer_class = _registered(DECODER_LAYERS, kind, "decoder kind")
+        path_class = _registered(PIXEL_PATHS, pixel_path, "decoder pixel_path")
+        self.kind, self.pixel_path_name = kind, pixel_path
         if masked_attention and mask_dim is None:
             raise ValueError("masked_attention needs the mask features (mask_dim)")
         if query_selection and num_queries > num_centers:
@@ -321,7 +351,7 @@ class ClusteringDecoder(nn.Module):
         self.num_queries = num_queries
         self.dim = dim
         self.mask_dim = mask_dim
-        self.pixel_decoder = PixelDecoder(in_channels, dim, mask_dim)
+        self.pixel_decoder = path_class(in_channels, dim, mask_dim)
         self.level_embed = nn.Parameter(torch.zeros(self.num_levels, dim))
         if query_position == "learnt":
             self.query_pos = nn.Parameter(torch.zeros(num_queries, dim))
@@ -337,9 +367,9 @@ class ClusteringDecoder(nn.Module):
         if query_selection:  # the selected centers' position term (DINO's anchors from the encoder, detached)
             self.selection_pos = nn.Linear(dim, dim)
         self.layers = nn.ModuleList(
-            ClusteringDecoderLayer(dim, num_heads, iterations, ffn_dim, dropout, m_step, temperature)
-            for _ in range(num_layers)
+            layer_class(dim, num_heads, iterations, ffn_dim, dropout, m_step, temperature) for _ in range(num_layers)
         )
+        self.level_order = getattr(layer_class, "levels", cycled_levels)(num_layers, self.num_levels)
         self.norm = nn.LayerNorm(dim)
         nn.init.normal_(self.level_embed, std=0.02)
         if query_init == "free":
@@ -423,8 +453,7 @@ class ClusteringDecoder(nn.Module):
         if self.masked_attention:
             masks = predict(self.norm(queries), mask_features, None, None)["masks"]
         states = []
-        for i, layer in enumerate(self.layers):
-            level = i % self.num_levels
+        for layer, level in zip(self.layers, self.level_order, strict=True):
             if boxes:
                 query_pos = self.box_position(box_sine(reference, self.dim))
                 if self.query_selection:
@@ -434,6 +463,8 @@ class ClusteringDecoder(nn.Module):
             queries = layer(
                 queries, query_pos, memories[level], positions[level], assignments, blocked, groups, attn_mask
             )
+            if getattr(layer, "updates_pixels", False):
+                queries, memories[level] = queries
             states.append(self.norm(queries))
             if predict is not None:
                 predicted = predict(states[-1], mask_features, assignments[0], sizes[level])

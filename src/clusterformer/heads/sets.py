@@ -208,6 +208,8 @@ def build_set_model(
     denoising: int = 0,
     dn_label_noise: float = 0.2,
     dn_box_noise: float = 0.4,
+    kind: str = "clusterformer",
+    pixel_path: str = "fpn",
 ) -> ClusterFormerSets:
     """A detection (``boxes``) and/or instance (``masks``) model on a registered ClusterFormer backbone.
 
@@ -225,6 +227,9 @@ def build_set_model(
     models with masks); ``query_selection`` starts the queries from the top-scoring encoder centers (DINO / Mask
     DINO's query selection); ``denoising`` adds that many groups of denoising queries in training (DN-DETR / DINO /
     Mask DINO, ``heads.denoising``), with labels flipped at ``dn_label_noise`` and boxes moved by ``dn_box_noise``.
+
+    ``kind`` and ``pixel_path`` choose the decoder's layers and pixel path (``decoder.DECODER_LAYERS``,
+    ``decoder.PIXEL_PATHS``; the paper's ``"clusterformer"`` and ``"fpn"`` by default).
 
     ``semantic_head`` adds the panoptic auxiliary outputs. ``backbone_kwargs`` go to ``timm.create_model``
     (e.g. ``drop_path_rate``, or
@@ -252,6 +257,8 @@ def build_set_model(
         temperature=temperature,
         masked_attention=masked_attention,
         query_selection=query_selection,
+        kind=kind,
+        pixel_path=pixel_path,
     )
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")

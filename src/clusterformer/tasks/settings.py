@@ -47,6 +47,8 @@ class DecoderSettings:
         denoising: groups of denoising queries in training (0: none; DN-DETR / DINO, Mask DINO for masks).
             Goes beyond the paper.
         dn_label_noise, dn_box_noise: the denoising queries' label flip probability and box noise scale.
+        kind: the decoder's layers, ``"clusterformer"`` (the paper's; ``heads.decoder.DECODER_LAYERS``).
+        pixel_path: the decoder's pixel features, ``"fpn"`` (the paper's; ``heads.decoder.PIXEL_PATHS``).
     """
 
     num_queries: int = 100
@@ -67,6 +69,8 @@ class DecoderSettings:
     denoising: int = 0
     dn_label_noise: float = 0.2
     dn_box_noise: float = 0.4
+    kind: str = "clusterformer"
+    pixel_path: str = "fpn"
 
 
 def as_settings(cls: type[Settings], value: Settings | Mapping[str, Any] | None, option: str) -> Settings:
