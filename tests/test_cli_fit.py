@@ -76,4 +76,21 @@ def test_fit_with_the_shapes_config_leaves_a_checkpoint_and_the_tasks_metrics(ta
     values = logged(tmp_path / "run")
     validation = {key for key in values if key.startswith("val/")}
     assert validation == set(spec.metrics)  # what the registry says the task logs
+    # the checkpoint rebuilds the model it was saved from (the semantic task's one query per class included)
+    _, module = task_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    if task == "semantic":
+        assert module.model.decoder.num_queries == module.hparams.num_classes == 7
     assert 0 <= values[spec.monitor] <= 1
+
+
+@pytest.mark.parametrize("task", ["instance", "semantic", "panoptic"])
+def test_fit_trains_and_evaluates_the_kmax_decoder(task, shapes, tmp_path):
+    """``decoder.kind: kmax`` (kMaX-DeepLab's k-means cross-attention, docs/heads.md) through ``clusterformer fit``."""
+    assert run("fit", task, shapes, tmp_path / "run", "--model.init_args.decoder", "{kind: kmax}") == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["decoder"]["kind"] == "kmax"
+    _, module = task_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert type(module.model.decoder.layers[0]).__name__ == "KMaXDecoderLayer"
+    values = logged(tmp_path / "run")
+    assert {key for key in values if key.startswith("val/")} == set(TASKS[task].metrics)
+    assert all(math.isfinite(value) for value in values.values())

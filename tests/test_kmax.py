@@ -268,8 +268,9 @@ def test_kmax_layers_run_in_the_clustering_decoder_with_denoising_queries():
     features = [torch.randn(2, 8, s, s) for s in (16, 8, 4, 2)]
     seen = []
 
-    def predict(state, mask_features, assignments, hw):
+    def predict(state, mask_features, assignments, hw, affinity):
         seen.append((assignments.shape, hw))
+        assert affinity.shape == (2, 10, hw[0] * hw[1])  # the layer's affinity logits, every query's
         return {}
 
     denoising = DenoisingQueries(torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.rand(2, 6, 4), 3, 2, [])
@@ -356,3 +357,68 @@ def test_level_schedule_is_coarse_to_fine_in_near_equal_blocks():
                 assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
     with pytest.raises(ValueError):
         level_schedule(0)
+
+
+# --- behind decoder.kind --------------------------------------------------------------------------------------------
+KMAX_DECODER = dict(num_queries=6, dim=32, mask_dim=32, num_layers=6, num_heads=4, ffn_dim=64, kind="kmax")
+
+
+def _mask_targets(counts=(2, 3), hw=(64, 64)):
+    from clusterformer.heads.denoising import target_boxes
+
+    targets = []
+    for count in counts:
+        m = torch.zeros(count, *hw, dtype=torch.bool)
+        for j in range(count):
+            m[j, 6 * j : 6 * j + 20, 4 + 10 * j : 26 + 10 * j] = True
+        targets.append({"labels": torch.arange(count) % 3, "boxes": target_boxes({"masks": m}), "masks": m})
+    return targets
+
+
+@pytest.mark.parametrize("denoising", [0, 2])
+def test_kmax_behind_decoder_kind_supervises_every_layers_affinity_as_its_masks(denoising):
+    """``decoder.kind: kmax``: kMaX layers, two per level coarse first; every layer's affinity logits are its
+    auxiliary mask logits (kMaX's deep supervision, the last layer's included), the final masks the mask head's;
+    the losses reach every layer's query and key projections, and training steps lower the loss."""
+    from clusterformer.heads import build_set_model
+    from clusterformer.losses import SetLossSettings
+    from clusterformer.tasks.sets import set_criterion
+
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, boxes=False, masks=True, denoising=denoising,
+                            **KMAX_DECODER)  # fmt: skip
+    assert all(type(layer) is KMaXDecoderLayer for layer in model.decoder.layers)
+    assert model.decoder.level_order == [0, 0, 1, 1, 2, 2]
+    criterion = set_criterion(3, False, True, SetLossSettings(num_points=64))
+    images, targets = torch.randn(2, 3, 64, 64), _mask_targets()
+    model.train()
+    out = model(images, targets)
+    assert out["masks"].shape == (2, 6, 16, 16)  # the mask head's, at stride 4
+    sizes = [(2, 2), (2, 2), (4, 4), (4, 4), (8, 8), (8, 8)]
+    assert [aux["masks"].shape[-2:] for aux in out["aux"]] == sizes
+    for aux, layer, size in zip(out["aux"], model.decoder.layers, sizes, strict=True):
+        assert torch.equal(aux["masks"], layer.last_affinity[:, :6].unflatten(-1, size))
+    if denoising:
+        assert [aux["masks"].shape[1] for aux in out["dn"]["aux"]] == [out["dn"]["logits"].shape[1]] * 6
+    losses = criterion(out, targets)
+    assert {f"loss_mask_{i}" for i in range(6)} <= set(losses)
+    criterion.weighted_total(losses).backward()
+    for layer in model.decoder.layers:
+        assert layer.q.weight.grad.abs().sum() > 0 and layer.k.weight.grad.abs().sum() > 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    values = []
+    for _ in range(6):
+        torch.manual_seed(1)
+        losses = criterion(model(images, targets), targets)
+        values.append(criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k}).item())
+        optimizer.zero_grad()
+        criterion.weighted_total(losses).backward()
+        optimizer.step()
+    assert values[-1] < values[0]
+
+
+def test_kmax_needs_the_mask_head():
+    from clusterformer.heads import build_set_model
+
+    with pytest.raises(ValueError, match="kind='kmax' needs the mask head"):
+        build_set_model("clusterformer_nano", num_classes=3, boxes=True, masks=False, **KMAX_DECODER)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RecurrentClustering
+from .kmax import KMaXDecoderLayer
 
 if TYPE_CHECKING:
     from .denoising import DenoisingQueries
@@ -268,7 +269,9 @@ def cycled_levels(num_layers: int, num_levels: int) -> list[int]:
 # ffn_dim, dropout, m_step, temperature)`` and called as ``ClusteringDecoderLayer`` is; a class may say which level
 # each layer reads (``levels(num_layers, num_levels)``, default :func:`cycled_levels`) and, with ``updates_pixels =
 # True``, return ``(queries, memory)``: the level's pixel features, updated, for the layers after it.
-DECODER_LAYERS: dict[str, type[nn.Module]] = {"clusterformer": ClusteringDecoderLayer}
+# A layer with a ``last_affinity`` attribute (kMaX) hands its affinity logits ``(B, K, N)`` to ``predict``
+# (``affinity=``): kMaX supervises them as the layer's mask logits.
+DECODER_LAYERS: dict[str, type[nn.Module]] = {"clusterformer": ClusteringDecoderLayer, "kmax": KMaXDecoderLayer}
 # ``decoder.pixel_path``: what turns the backbone's four maps into the decoder's levels and the mask features, built
 # as ``PixelPath(in_channels, dim, mask_dim)`` and called as ``PixelDecoder`` is
 PIXEL_PATHS: dict[str, type[nn.Module]] = {"fpn": PixelDecoder}
@@ -299,7 +302,8 @@ class ClusteringDecoder(nn.Module):
             (of the initial queries, for the first layer) gives it: Mask2Former's masked attention in clustering
             terms (``foreground_blocked``); needs the mask head.
         kind: the decoder layers (:data:`DECODER_LAYERS`): ``"clusterformer"``, the paper's recurrent cross-attention
-            clustering (``ClusteringDecoderLayer``).
+            clustering (``ClusteringDecoderLayer``), or ``"kmax"``, kMaX-DeepLab's k-means cross-attention
+            (``heads.kmax.KMaXDecoderLayer``, two layers per level, coarse first).
         pixel_path: the pixel features (:data:`PIXEL_PATHS`): ``"fpn"``, the paper's FPN (``PixelDecoder``).
         query_selection: the task head scores every encoder center (``proposals``) and the ``num_queries``
             top-scoring ones start the queries (DINO's / Mask DINO's query selection, from the cluster centers):
@@ -406,7 +410,8 @@ class ClusteringDecoder(nn.Module):
         layer's prediction (a dict); with ``query_position="boxes"`` its ``boxes (B, Q, 4)`` become the next layer's
         (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's. With ``masked_attention``
         it is also called once before the first layer (``assignments`` and ``hw`` ``None``), and each prediction's
-        ``masks`` restrict the next layer's E-step.
+        ``masks`` restrict the next layer's E-step. After a layer with affinity logits (kMaX's, ``last_affinity``)
+        it is also given them, ``affinity=(B, Q [+ denoising], N)``.
 
         ``denoising`` (training only): extra queries appended after the ``Q`` queries, in groups that neither see
         the others nor are seen by them (the E-step's softmax and the self-attention run group by group), so that
@@ -467,7 +472,10 @@ class ClusteringDecoder(nn.Module):
                 queries, memories[level] = queries
             states.append(self.norm(queries))
             if predict is not None:
-                predicted = predict(states[-1], mask_features, assignments[0], sizes[level])
+                extra = {}
+                if getattr(layer, "last_affinity", None) is not None:
+                    extra["affinity"] = layer.last_affinity
+                predicted = predict(states[-1], mask_features, assignments[0], sizes[level], **extra)
                 if boxes:
                     reference = predicted["boxes"].detach()
                 if self.masked_attention:

@@ -145,6 +145,9 @@ class KMaXDecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.last_affinity: torch.Tensor | None = None
 
+    # two layers at each of strides 32, 16, 8, coarse first (kMaX's decoder); ClusteringDecoder reads it
+    levels = staticmethod(lambda num_layers, num_levels=3: level_schedule(num_layers, num_levels))
+
     def cluster(
         self,
         queries: torch.Tensor,

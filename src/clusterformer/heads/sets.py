@@ -152,7 +152,11 @@ class ClusterFormerSets(nn.Module):
         if self.decoder.query_selection:
             proposals, selected, first_boxes = self.select(centers)
 
-        def predict(state, mask_features, assignments, hw) -> dict:
+        affinities = []  # kMaX layers: their affinity logits, (B, Q [+ denoising], h, w) each
+
+        def predict(state, mask_features, assignments, hw, affinity=None) -> dict:
+            if affinity is not None:
+                affinities.append(affinity.unflatten(-1, hw))
             if denoising is None:
                 reference = self._reference(outputs, assignments, hw, first_boxes)
                 outputs.append(self.head(state, mask_features, reference))
@@ -171,11 +175,24 @@ class ClusterFormerSets(nn.Module):
         if self.decoder.query_position == "boxes":
             first = self.head.reference.sigmoid().unsqueeze(0) if first_boxes is None else first_boxes
         _, mask_features = self.decoder(features, centers, predict, first, denoising, selected)
-        final = {**outputs[-1], "aux": outputs[:-1]}
+        aux, dn_aux = outputs[:-1], dn_outputs[:-1]
+        if affinities:  # kMaX's deep supervision: every layer's affinity logits are that layer's mask logits
+
+            def supervised(layers: list[dict], part: slice) -> list[dict]:
+                # the layers' predictions are the last ones (masked attention's initial prediction comes first)
+                first = len(layers) - len(affinities)
+                return layers[:first] + [
+                    {**out, "masks": maps[:, part]} for out, maps in zip(layers[first:], affinities, strict=True)
+                ]
+
+            aux = supervised(outputs, slice(None, num_queries))
+            if denoising is not None:
+                dn_aux = supervised(dn_outputs, slice(num_queries, None))
+        final = {**outputs[-1], "aux": aux}
         if proposals is not None:
             final["proposals"] = proposals
         if denoising is not None:
-            final["dn"] = {**dn_outputs[-1], "aux": dn_outputs[:-1]}
+            final["dn"] = {**dn_outputs[-1], "aux": dn_aux}
             final["dn_indices"] = denoising.indices
         if self.semantic_head is not None and self.training:  # panoptic auxiliary heads (kMaX-DeepLab)
             final["semantic_logits"] = self.semantic_head(mask_features)
@@ -260,6 +277,8 @@ def build_set_model(
         kind=kind,
         pixel_path=pixel_path,
     )
+    if kind == "kmax" and not masks:
+        raise ValueError("kind='kmax' needs the mask head (masks=True): kMaX supervises its affinity logits as masks")
     if decoder.query_position == "boxes" and not boxes:
         raise ValueError("query_position='boxes' needs the box head (boxes=True)")
     learnt = box_reference == "refine" or decoder.query_position == "boxes"

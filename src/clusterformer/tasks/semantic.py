@@ -129,6 +129,9 @@ class SemanticTask(DenseTask):
         # the hyperparameters hold plain dicts: checkpoints are loaded weights-only, which refuses dataclasses
         decoder, loss = asdict(decoder_settings), asdict(loss_settings)
         self.save_hyperparameters()
+        # under LightningCLI, save_hyperparameters stores the parsed config's values rather than the ones above: the
+        # model and its checkpoint must both have one query per class, or the checkpoint rebuilds another model
+        self.hparams["decoder"], self.hparams["loss"] = decoder, loss
         self.build()
 
     def build_model(self) -> nn.Module:

@@ -47,7 +47,8 @@ class DecoderSettings:
         denoising: groups of denoising queries in training (0: none; DN-DETR / DINO, Mask DINO for masks).
             Goes beyond the paper.
         dn_label_noise, dn_box_noise: the denoising queries' label flip probability and box noise scale.
-        kind: the decoder's layers, ``"clusterformer"`` (the paper's; ``heads.decoder.DECODER_LAYERS``).
+        kind: the decoder's layers, ``"clusterformer"`` (the paper's) or ``"kmax"`` (kMaX-DeepLab's k-means
+            cross-attention; models with masks); ``heads.decoder.DECODER_LAYERS``.
         pixel_path: the decoder's pixel features, ``"fpn"`` (the paper's; ``heads.decoder.PIXEL_PATHS``).
     """
 
