@@ -86,6 +86,29 @@ def test_the_decoder_assignment_is_a_softmax_over_the_queries(photos, shapes_dir
     assert decoder.shape[1] == 10
 
 
+def test_a_kmax_decoder_is_explained_by_the_argmax_of_its_affinity(photos, shapes_dir, tmp_path):
+    """``decoder.kind: kmax``: the last layer's hard assignment (one head), each pixel to one query."""
+    import lightning as L
+
+    from clusterformer.commands.explain import model_from_checkpoint
+    from clusterformer.tasks import SetTask
+    from helpers import save_after_one_step, task_and_data
+
+    shapes = shapes_dir(seed=4, num_train=8, num_val=5, size=64)
+    task, data = task_and_data("instance", shapes)
+    hparams = dict(task.hparams)
+    hparams["decoder"] = {**hparams["decoder"], "kind": "kmax"}
+    L.seed_everything(0, verbose=False)
+    checkpoint = save_after_one_step(SetTask(**hparams), data, tmp_path / "kmax.ckpt")
+    model = model_from_checkpoint(checkpoint)
+    result = compute_assignments(model, Image.open(photos / "chelsea.jpg").convert("RGB"), size=96)
+    decoder = result["maps"][-1]["assignments"]  # (1, Q, h, w)
+    assert decoder.shape[:2] == (1, 10) and set(np.unique(decoder)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(decoder.sum(1), 1.0)
+    stride = (32, 16, 8)[model.dense.decoder.level_order[-1]]  # kMaX's levels: blocks of layers, coarse first
+    assert result["maps"][-1]["stride"] == stride
+
+
 def test_weights_from_a_safetensors_file_are_used(photos, tmp_path):
     torch.manual_seed(1)
     reference = timm.create_model("clusterformer_nano", num_classes=0).eval()

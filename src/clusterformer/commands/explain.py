@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import pictures
 from ..layers.clustering import cluster_statistics
@@ -198,19 +199,23 @@ def _decoder_assignments(dense, batch: torch.Tensor, stages: list[dict], input_s
 
     decoder = dense.decoder
     captured = {}
-    hooks = [
-        decoder.layers[-1].clustering.register_forward_hook(
-            lambda m, i, out: captured.update(centers=out[0], assign=out[1])
-        ),
-        decoder.pixel_decoder.register_forward_hook(lambda m, i, out: captured.update(levels=out[1])),
-    ]
+    last = decoder.layers[-1]
+    if hasattr(last, "clustering"):
+        hook = last.clustering.register_forward_hook(lambda m, i, out: captured.update(centers=out[0], assign=out[1]))
+    else:  # kMaX's layer (one head): the argmax of its affinity logits, its output queries as the centers
+        hook = last.register_forward_hook(lambda m, i, out: captured.update(affinity=m.last_affinity, queries=out))
+    hooks = [hook, decoder.pixel_decoder.register_forward_hook(lambda m, i, out: captured.update(levels=out[1]))]
     try:
         outputs = dense(batch)
     finally:
         for hook in hooks:
             hook.remove()
     layer = len(decoder.layers) - 1
-    level = captured["levels"][layer % decoder.num_levels]
+    if "affinity" in captured:
+        affinity = captured["affinity"]  # (B, Q, N)
+        captured["assign"] = F.one_hot(affinity.argmax(1), affinity.shape[1]).to(affinity.dtype)  # (B, N, Q)
+        captured["centers"] = captured["queries"].transpose(1, 2)  # (B, D, Q)
+    level = captured["levels"][decoder.level_order[layer]]
     h, w = level.shape[-2:]
     # the pixel decoder's levels have the sizes of the encoder stages at strides 32, 16, 8
     padded = batch.shape[-2:]
