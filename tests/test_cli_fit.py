@@ -83,14 +83,17 @@ def test_fit_with_the_shapes_config_leaves_a_checkpoint_and_the_tasks_metrics(ta
     assert 0 <= values[spec.monitor] <= 1
 
 
+@pytest.mark.parametrize("kind", ["kmax", "cmt"])
 @pytest.mark.parametrize("task", ["instance", "semantic", "panoptic"])
-def test_fit_trains_and_evaluates_the_kmax_decoder(task, shapes, tmp_path):
-    """``decoder.kind: kmax`` (kMaX-DeepLab's k-means cross-attention, docs/heads.md) through ``clusterformer fit``."""
-    assert run("fit", task, shapes, tmp_path / "run", "--model.init_args.decoder", "{kind: kmax}") == 0
+def test_fit_trains_and_evaluates_the_seed_decoders(task, kind, shapes, tmp_path):
+    """``decoder.kind: kmax`` / ``cmt`` (kMaX-DeepLab's k-means cross-attention, CMT-DeepLab's clustering center
+    update; docs/heads.md) through ``clusterformer fit``."""
+    assert run("fit", task, shapes, tmp_path / "run", "--model.init_args.decoder", f"{{kind: {kind}}}") == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["decoder"]["kind"] == "kmax"
+    assert checkpoint["hyper_parameters"]["decoder"]["kind"] == kind
     _, module = task_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    assert type(module.model.decoder.layers[0]).__name__ == "KMaXDecoderLayer"
+    layer = {"kmax": "KMaXDecoderLayer", "cmt": "CMTDecoderLayer"}[kind]
+    assert type(module.model.decoder.layers[0]).__name__ == layer
     values = logged(tmp_path / "run")
     assert {key for key in values if key.startswith("val/")} == set(TASKS[task].metrics)
     assert all(math.isfinite(value) for value in values.values())

@@ -396,3 +396,59 @@ def test_one_training_step_lowers_a_simple_loss():
     optimizer.step()
     with torch.no_grad():
         assert loss_fn() < before
+
+
+# --- behind decoder.kind --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("denoising", [0, 2])
+def test_cmt_behind_decoder_kind_supervises_the_reference_points(denoising):
+    """``decoder.kind: cmt``: CMT layers that update the pixels and carry reference points from layer to layer; every
+    layer's points are supervised by the mask-approximation loss of the matched pairs, and training steps lower the
+    loss."""
+    from clusterformer.heads import CMTDecoderLayer, build_set_model
+    from clusterformer.heads.denoising import target_boxes
+    from clusterformer.losses import SetLossSettings
+    from clusterformer.losses.cmt import mask_approximation_loss
+    from clusterformer.tasks.sets import set_criterion
+
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, boxes=False, masks=True, denoising=denoising,
+                            num_queries=6, dim=32, mask_dim=32, num_layers=3, num_heads=4, ffn_dim=64,
+                            kind="cmt")  # fmt: skip
+    assert all(type(layer) is CMTDecoderLayer for layer in model.decoder.layers)
+    targets = []
+    for count in (2, 3):
+        m = torch.zeros(count, 64, 64, dtype=torch.bool)
+        for j in range(count):
+            m[j, 6 * j : 6 * j + 20, 4 + 10 * j : 26 + 10 * j] = True
+        targets.append({"labels": torch.arange(count) % 3, "boxes": target_boxes({"masks": m}), "masks": m})
+    images = torch.randn(2, 3, 64, 64)
+    criterion = set_criterion(3, False, True, SetLossSettings(num_points=64))
+    model.train()
+    out = model(images, targets)
+    points = [layer["points"] for layer in (*out["aux"], out)]
+    assert all(p.shape == (2, 6, model.decoder.layers[0].num_points, 2) for p in points)
+    assert all(((p >= 0) & (p <= 1)).all() for p in points)
+    if denoising:
+        assert out["dn"]["points"].shape[1] == out["dn"]["logits"].shape[1]
+    torch.manual_seed(5)  # the matcher's random points: the same matching below
+    losses = criterion(out, targets)
+    assert {"loss_points", "loss_points_0", "loss_points_1"} <= set(losses)
+    torch.manual_seed(5)
+    indices = criterion.matcher(out, targets)
+    expected = mask_approximation_loss(
+        torch.cat([out["points"][b, q] for b, (q, _) in enumerate(indices)]),
+        torch.cat([t["masks"][i] for t, (_, i) in zip(targets, indices, strict=True)]),
+    )
+    torch.testing.assert_close(losses["loss_points"], expected, rtol=1e-4, atol=1e-6)
+    criterion.weighted_total(losses).backward()
+    assert all(layer.reference.layers[-1].weight.grad.abs().sum() > 0 for layer in model.decoder.layers)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    values = []
+    for _ in range(6):
+        torch.manual_seed(1)
+        losses = criterion(model(images, targets), targets)
+        values.append(criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k}).item())
+        optimizer.zero_grad()
+        criterion.weighted_total(losses).backward()
+        optimizer.step()
+    assert values[-1] < values[0]

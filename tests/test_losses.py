@@ -296,8 +296,9 @@ def test_task_criteria_carry_the_paper_weights():
     assert (detection.matcher.cost_class, detection.matcher.cost_bbox, detection.matcher.cost_giou) == (2.0, 5.0, 2.0)
     assert detection.matcher.cost_mask == detection.matcher.cost_dice == 0
     instance = instance_criterion(3, num_points=16)
-    assert instance.weight_dict == {"loss_class": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
-    assert instance.losses == ("labels", "masks")
+    # CMT-DeepLab's reference-point loss (weight 1, the paper's) only for outputs with points: none here
+    assert instance.weight_dict == {"loss_class": 2.0, "loss_mask": 5.0, "loss_dice": 5.0, "loss_points": 1.0}
+    assert instance.losses == ("labels", "masks", "points")
     assert (instance.matcher.cost_mask, instance.matcher.cost_dice, instance.matcher.cost_bbox) == (5.0, 5.0, 0.0)
     outputs, targets = make_batch(10, 4, [1, 2], classes=3)
     assert list(detection(outputs, targets)) == ["loss_class", "loss_bbox", "loss_giou"]
@@ -315,7 +316,7 @@ def test_joint_criterion_takes_the_keywords_of_the_detection_and_instance_criter
     criterion = joint_criterion(3, num_points=16, oversample_ratio=2.0, importance_sample_ratio=0.5, focal_alpha=0.5,
                                 focal_gamma=1.0)  # fmt: skip
     assert criterion.weight_dict == {**detection_criterion(3).weight_dict, **instance_criterion(3).weight_dict}
-    assert criterion.losses == ("labels", "boxes", "masks")
+    assert criterion.losses == ("labels", "boxes", "masks", "points")
     assert (criterion.num_points, criterion.oversample_ratio, criterion.importance_sample_ratio) == (16, 2.0, 0.5)
     assert (criterion.focal_alpha, criterion.focal_gamma) == (0.5, 1.0)
     matcher = criterion.matcher

@@ -20,8 +20,9 @@ from helpers import sigmoid, slow_point_sample
 
 CLASSES, THINGS = 5, {0, 1, 2}  # classes 3 and 4 are stuff
 ALPHA = 0.75  # PQ-style positive weight
-ALL_TERMS = [term for terms in PANOPTIC_LOSS_TERMS.values() for term in terms]
-WEIGHTS = dict.fromkeys(ALL_TERMS, 1.0)
+# the terms of outputs without reference points (loss_points: CMT-DeepLab's decoder only)
+ALL_TERMS = [term for name, terms in PANOPTIC_LOSS_TERMS.items() if name != "points" for term in terms]
+WEIGHTS = dict.fromkeys([*ALL_TERMS, "loss_points"], 1.0)
 # image 0: queries 1, 3 <- targets 1, 0; image 1: nothing; image 2: queries 0, 2, 4 <- targets 2, 0, 1
 INDICES = [
     (torch.tensor([1, 3]), torch.tensor([1, 0])),
@@ -545,6 +546,7 @@ def test_panoptic_criterion_carries_the_paper_weights():
         "loss_mask_id": 0.3,
         "loss_instance_discrimination": 1.0,
         "loss_semantic": 1.0,
+        "loss_points": 1.0,
     }
     assert criterion.losses == tuple(PANOPTIC_LOSS_TERMS)
     assert criterion.thing_classes == list(range(80)) and int(criterion.thing_columns.sum()) == 80

@@ -129,7 +129,9 @@ def test_validation_metrics_equal_an_offline_pycocotools_run(task, shapes, tmp_p
 def test_instance_model_with_a_box_head_reports_the_box_head_boxes(shapes, tmp_path):
     torch.manual_seed(0)
     module = small_task("instance", predict_boxes=True, loss={"num_points": 64})
-    assert set(module.criterion.weight_dict) == {"loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice"}
+    assert set(module.criterion.weight_dict) == {
+        "loss_class", "loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_points"
+    }  # fmt: skip
     images, targets = collate_sets([sample(64, 64, [[4, 4, 30, 30]], [1], [0])])
     (result,) = module.eval().predict_batch(images, targets)
     box = result["box_results"]

@@ -1,6 +1,9 @@
 """Task heads on the ClusterFormer encoder: the shared clustering decoder and the set-prediction heads."""
 
+from .cmt import CMTDecoderLayer
 from .decoder import (
+    DECODER_LAYERS,
+    PIXEL_PATHS,
     QUERY_INITS,
     QUERY_POSITIONS,
     ClusteringDecoder,
@@ -10,6 +13,7 @@ from .decoder import (
     cluster_boxes,
     sine_position,
 )
+from .kmax import KMaXDecoderLayer
 from .postprocess import (
     detection_postprocess,
     instance_postprocess,
@@ -19,13 +23,19 @@ from .postprocess import (
 )
 from .sets import MLP, ClusterFormerSets, SetPredictionHead, build_set_model, grid_boxes
 
+DECODER_LAYERS["cmt"] = CMTDecoderLayer  # heads.cmt builds on heads.decoder: registered once both are loaded
+
 __all__ = [
+    "DECODER_LAYERS",
     "MLP",
+    "PIXEL_PATHS",
     "QUERY_INITS",
     "QUERY_POSITIONS",
     "ClusterFormerSets",
     "ClusteringDecoder",
+    "CMTDecoderLayer",
     "ClusteringDecoderLayer",
+    "KMaXDecoderLayer",
     "PixelDecoder",
     "SetPredictionHead",
     "box_sine",

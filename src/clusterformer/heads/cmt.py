@@ -164,6 +164,7 @@ class CMTDecoderLayer(nn.Module):
     """
 
     updates_pixels = True
+    takes_references = True  # ClusteringDecoder passes hw= and references=
 
     def __init__(
         self,

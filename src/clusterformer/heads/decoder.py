@@ -271,7 +271,13 @@ def cycled_levels(num_layers: int, num_levels: int) -> list[int]:
 # True``, return ``(queries, memory)``: the level's pixel features, updated, for the layers after it.
 # A layer with a ``last_affinity`` attribute (kMaX) hands its affinity logits ``(B, K, N)`` to ``predict``
 # (``affinity=``): kMaX supervises them as the layer's mask logits.
-DECODER_LAYERS: dict[str, type[nn.Module]] = {"clusterformer": ClusteringDecoderLayer, "kmax": KMaXDecoderLayer}
+# A layer with ``takes_references = True`` (CMT-DeepLab's) is also given its map size (``hw=``) and the list of the
+# earlier layers' reference points (``references=``), to which it appends its own ``(B, K, M, 2)``; ``predict`` then
+# gets the layer's (``references=``).
+DECODER_LAYERS: dict[str, type[nn.Module]] = {
+    "clusterformer": ClusteringDecoderLayer,
+    "kmax": KMaXDecoderLayer,
+}  # and "cmt" (heads.cmt.CMTDecoderLayer, which builds on this module), added by the package's __init__
 # ``decoder.pixel_path``: what turns the backbone's four maps into the decoder's levels and the mask features, built
 # as ``PixelPath(in_channels, dim, mask_dim)`` and called as ``PixelDecoder`` is
 PIXEL_PATHS: dict[str, type[nn.Module]] = {"fpn": PixelDecoder}
@@ -303,7 +309,8 @@ class ClusteringDecoder(nn.Module):
             terms (``foreground_blocked``); needs the mask head.
         kind: the decoder layers (:data:`DECODER_LAYERS`): ``"clusterformer"``, the paper's recurrent cross-attention
             clustering (``ClusteringDecoderLayer``), or ``"kmax"``, kMaX-DeepLab's k-means cross-attention
-            (``heads.kmax.KMaXDecoderLayer``, two layers per level, coarse first).
+            (``heads.kmax.KMaXDecoderLayer``, two layers per level, coarse first), or ``"cmt"``, CMT-DeepLab's
+            clustering center update with its pixel update and reference points (``heads.cmt.CMTDecoderLayer``).
         pixel_path: the pixel features (:data:`PIXEL_PATHS`): ``"fpn"``, the paper's FPN (``PixelDecoder``).
         query_selection: the task head scores every encoder center (``proposals``) and the ``num_queries``
             top-scoring ones start the queries (DINO's / Mask DINO's query selection, from the cluster centers):
@@ -411,7 +418,8 @@ class ClusteringDecoder(nn.Module):
         (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's. With ``masked_attention``
         it is also called once before the first layer (``assignments`` and ``hw`` ``None``), and each prediction's
         ``masks`` restrict the next layer's E-step. After a layer with affinity logits (kMaX's, ``last_affinity``)
-        it is also given them, ``affinity=(B, Q [+ denoising], N)``.
+        it is also given them, ``affinity=(B, Q [+ denoising], N)``, and after a layer with reference points
+        (CMT-DeepLab's) those, ``references=(B, Q [+ denoising], M, 2)``.
 
         ``denoising`` (training only): extra queries appended after the ``Q`` queries, in groups that neither see
         the others nor are seen by them (the E-step's softmax and the self-attention run group by group), so that
@@ -457,7 +465,7 @@ class ClusteringDecoder(nn.Module):
         masks = None
         if self.masked_attention:
             masks = predict(self.norm(queries), mask_features, None, None)["masks"]
-        states = []
+        states, references = [], []
         for layer, level in zip(self.layers, self.level_order, strict=True):
             if boxes:
                 query_pos = self.box_position(box_sine(reference, self.dim))
@@ -465,9 +473,11 @@ class ClusteringDecoder(nn.Module):
                     query_pos = query_pos + F.pad(position, (0, 0, 0, query_pos.shape[1] - position.shape[1]))
             assignments = [] if predict is not None else None
             blocked = None if masks is None else foreground_blocked(masks, sizes[level], groups)
+            located = getattr(layer, "takes_references", False)
             queries = layer(
-                queries, query_pos, memories[level], positions[level], assignments, blocked, groups, attn_mask
-            )
+                queries, query_pos, memories[level], positions[level], assignments, blocked, groups, attn_mask,
+                **({"hw": sizes[level], "references": references} if located else {}),
+            )  # fmt: skip
             if getattr(layer, "updates_pixels", False):
                 queries, memories[level] = queries
             states.append(self.norm(queries))
@@ -475,6 +485,8 @@ class ClusteringDecoder(nn.Module):
                 extra = {}
                 if getattr(layer, "last_affinity", None) is not None:
                     extra["affinity"] = layer.last_affinity
+                if located:
+                    extra["references"] = references[-1]
                 predicted = predict(states[-1], mask_features, assignments[0], sizes[level], **extra)
                 if boxes:
                     reference = predicted["boxes"].detach()

@@ -154,21 +154,23 @@ class ClusterFormerSets(nn.Module):
 
         affinities = []  # kMaX layers: their affinity logits, (B, Q [+ denoising], h, w) each
 
-        def predict(state, mask_features, assignments, hw, affinity=None) -> dict:
+        def predict(state, mask_features, assignments, hw, affinity=None, references=None) -> dict:
             if affinity is not None:
                 affinities.append(affinity.unflatten(-1, hw))
+            points = {} if references is None else {"points": references[:, :num_queries]}
             if denoising is None:
                 reference = self._reference(outputs, assignments, hw, first_boxes)
-                outputs.append(self.head(state, mask_features, reference))
+                outputs.append({**self.head(state, mask_features, reference), **points})
                 return outputs[-1]
             # the matching queries exactly as without denoising; the denoising queries refine their noised boxes
             matching = assignments[:, :, :, :num_queries] if assignments is not None else None
             reference = self._reference(outputs, matching, hw, first_boxes)
-            outputs.append(self.head(state[:, :num_queries], mask_features, reference))
+            outputs.append({**self.head(state[:, :num_queries], mask_features, reference), **points})
             reference = dn_outputs[-1]["boxes"].detach() if dn_outputs and "boxes" in dn_outputs[-1] else None
             if reference is None and self.head.box_embed is not None:
                 reference = denoising.reference
-            dn_outputs.append(self.head(state[:, num_queries:], mask_features, reference))
+            dn_points = {} if references is None else {"points": references[:, num_queries:]}
+            dn_outputs.append({**self.head(state[:, num_queries:], mask_features, reference), **dn_points})
             return {key: torch.cat([outputs[-1][key], dn_outputs[-1][key]], 1) for key in outputs[-1]}
 
         first = None

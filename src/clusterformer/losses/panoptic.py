@@ -38,6 +38,7 @@ PANOPTIC_LOSS_TERMS = {
     "mask_id": ("loss_mask_id",),
     "instance_discrimination": ("loss_instance_discrimination",),
     "semantic": ("loss_semantic",),
+    "points": ("loss_points",),  # CMT-DeepLab's reference points (decoder kind "cmt"), when the outputs have them
 }
 _PER_SEGMENT_KEYS = ("labels", "masks", "isthing", "iscrowd", "segment_ids", "area", "boxes")
 DICE_EPS = 1e-5  # of the (unsmoothed) dice similarity that weights the PQ-style class term, as deeplab2
@@ -389,6 +390,7 @@ def panoptic_criterion(
     num_samples: int = 4096,
     sample_temperature: float = 1.5,
     discrimination_temperature: float = 0.3,
+    points_weight: float = 1.0,
     losses: Iterable[str] = tuple(PANOPTIC_LOSS_TERMS),
 ) -> PanopticCriterion:
     """Panoptic segmentation (paper Eq. 7): ``λ_th = 5``, ``λ_st = 3``, ``λ_aux = 1``.
@@ -414,6 +416,7 @@ def panoptic_criterion(
         "loss_mask_id": aux_weight * mask_id_weight,
         "loss_instance_discrimination": aux_weight * instance_discrimination_weight,
         "loss_semantic": aux_weight * semantic_weight,
+        "loss_points": points_weight,
     }
     return PanopticCriterion(
         num_classes,

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
+from .cmt import mask_approximation_loss
 from .matching import HungarianMatcher, point_sample
 from .terms import dice_loss, sigmoid_ce_loss, uncertainty_points
 
@@ -37,6 +38,7 @@ LOSS_TERMS = {
     "labels": ("loss_class",),
     "boxes": ("loss_bbox", "loss_giou"),
     "masks": ("loss_mask", "loss_dice"),
+    "points": ("loss_points",),
 }
 _LAYER_SUFFIX = re.compile(r"_\d+$")
 GIOU_EPS = 1e-10
@@ -152,6 +154,17 @@ class SetCriterion(nn.Module):
             "loss_mask": sigmoid_ce_loss(logits, labels, num_targets),
             "loss_dice": dice_loss(logits, labels, num_targets),
         }
+
+    def loss_points(self, outputs: dict, targets: list[dict], indices: list, num_targets) -> dict[str, torch.Tensor]:
+        """``loss_points``: CMT-DeepLab's mask-approximation loss (its Eq. 13, ``losses.cmt``) between the reference
+        points of the matched queries, ``outputs["points"] (B, Q, M, 2)``, and their target masks: the mean over the
+        matched pairs, as the paper. Nothing for outputs without reference points (every decoder but CMT's)."""
+        if "points" not in outputs:
+            return {}
+        points = outputs["points"]
+        images, queries = _matched_query_index(indices, points.device)
+        masks = _matched_targets(targets, indices, "masks", points.device)
+        return {"loss_points": mask_approximation_loss(points[images, queries].float(), masks.bool())}
 
     def sampled_masks(self, outputs: dict, targets: list[dict], indices: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits and target values ``(M, num_points)`` at uncertainty-sampled points of the ``M`` matched
@@ -269,8 +282,10 @@ def _matched_criterion(
     importance_sample_ratio: float = 0.75,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    points_weight: float = 1.0,
 ) -> SetCriterion:
-    """A ``SetCriterion`` on ``losses`` whose weights are also the matcher's costs (a term left out costs 0)."""
+    """A ``SetCriterion`` on ``losses`` whose weights are also the matcher's costs (a term left out costs 0); a mask
+    criterion also has ``loss_points`` (CMT-DeepLab's reference points, when the outputs have them), not a cost."""
     boxes, masks = "boxes" in losses, "masks" in losses
     matcher = HungarianMatcher(
         cost_class=class_weight,
@@ -286,7 +301,8 @@ def _matched_criterion(
     if boxes:
         weights |= {"loss_bbox": bbox_weight, "loss_giou": giou_weight}
     if masks:
-        weights |= {"loss_mask": mask_weight, "loss_dice": dice_weight}
+        weights |= {"loss_mask": mask_weight, "loss_dice": dice_weight, "loss_points": points_weight}
+        losses = (*losses, "points")
     return SetCriterion(
         num_classes, matcher, weights, losses=losses, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
         num_points=num_points, oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio,
@@ -320,13 +336,14 @@ def instance_criterion(
     importance_sample_ratio: float = 0.75,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    points_weight: float = 1.0,
 ) -> SetCriterion:
     """Instance segmentation: focal class 2, point-sampled BCE 5 and dice 5 (Mask2Former); the matcher uses
     the same weights as costs on ``num_points`` uniform points."""
     return _matched_criterion(
         num_classes, ("labels", "masks"), class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
         num_points=num_points, oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio,
-        focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+        focal_alpha=focal_alpha, focal_gamma=focal_gamma, points_weight=points_weight,
     )  # fmt: skip
 
 
@@ -343,10 +360,11 @@ def joint_criterion(
     importance_sample_ratio: float = 0.75,
     focal_alpha: float = 0.25,
     focal_gamma: float = 2.0,
+    points_weight: float = 1.0,
 ) -> SetCriterion:
     """Boxes and masks together (an instance model that also regresses boxes): the detection and instance
     weights, used as losses and as matching costs."""
     return _matched_criterion(
         num_classes, ("labels", "boxes", "masks"), class_weight, bbox_weight, giou_weight, mask_weight, dice_weight,
-        num_points, oversample_ratio, importance_sample_ratio, focal_alpha, focal_gamma,
+        num_points, oversample_ratio, importance_sample_ratio, focal_alpha, focal_gamma, points_weight,
     )  # fmt: skip

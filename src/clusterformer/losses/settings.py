@@ -61,6 +61,7 @@ class SetLossSettings(FocalSettings, PointSampling):
         giou_weight: GIoU box loss.
         mask_weight: point-sampled mask cross-entropy.
         dice_weight: point-sampled dice loss.
+        points_weight: CMT-DeepLab's mask-approximation loss of the reference points (``decoder.kind: cmt``).
     """
 
     class_weight: float = 2.0
@@ -68,6 +69,7 @@ class SetLossSettings(FocalSettings, PointSampling):
     giou_weight: float = 2.0
     mask_weight: float = 5.0
     dice_weight: float = 5.0
+    points_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class PanopticLossSettings(FocalSettings, PointSampling):
         num_samples: pixels sampled per image for the instance discrimination loss.
         sample_temperature: pixels are sampled with probability ``∝ area^-sample_temperature`` of their segment.
         discrimination_temperature: temperature of the contrastive softmax.
+        points_weight: CMT-DeepLab's mask-approximation loss of the reference points (``decoder.kind: cmt``).
         losses: which losses to compute (``PANOPTIC_LOSS_TERMS``).
     """
 
@@ -130,4 +133,5 @@ class PanopticLossSettings(FocalSettings, PointSampling):
     num_samples: int = 4096
     sample_temperature: float = 1.5
     discrimination_temperature: float = 0.3
+    points_weight: float = 1.0
     losses: tuple[str, ...] = tuple(PANOPTIC_LOSS_TERMS)
