@@ -1,20 +1,27 @@
-"""HCFormer's hierarchical clustering: Eq. 3 and Eq. 5 against slow loops, borders and odd sizes."""
+"""HCFormer's hierarchical clustering pixel path: Eq. 3 and Eq. 5 against slow loops, borders and odd sizes,
+the module's shapes on a real backbone, gradients and torch.export."""
 
 import math
+import os
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import clusterformer  # noqa: F401
+from clusterformer.heads import ClusteringDecoder
 from clusterformer.heads.hcformer import (
     MIN_SCALE,
+    HCFormerPixelPath,
     carry_back,
     carry_back_through,
     local_cluster_assignment,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+NANO_CHANNELS = (32, 64, 128, 256)
 
 
 def slow_assignment(fine, coarse, scale, window=3):
@@ -173,3 +180,190 @@ def test_a_coarse_map_of_the_wrong_size_is_refused():
         local_cluster_assignment(torch.randn(1, 2, 6, 8), torch.randn(1, 2, 3, 4), 0.1, window=2)
     with pytest.raises(ValueError, match="downsamples"):
         carry_back(torch.randn(1, 2, 4, 4), torch.full((1, 9, 6, 8), 1 / 9))
+
+
+@pytest.fixture(scope="module")
+def nano_features():
+    """A real clusterformer_nano's dense features of a 64 x 64 and of a 72 x 88 image (odd maps at strides 8-32)."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("clusterformer_nano").eval()
+    with torch.no_grad():
+        return {hw: backbone.forward_dense(torch.randn(2, 3, *hw))[0] for hw in ((64, 64), (72, 88))}
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (72, 88)])
+def test_pixel_path_shapes_on_the_nano_backbone(nano_features, hw):
+    features = nano_features[hw]
+    stride4, stride32 = features[0].shape[-2:], features[-1].shape[-2:]
+    path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16)
+    mask_features, levels = path(features)
+    assert mask_features.shape == (2, 16, *stride4)
+    assert [tuple(level.shape) for level in levels] == [(2, 32, *stride32)] * 3  # the paper: stride 32 only
+    assert [a.shape for a in path.assignments(features)] == [(2, 9, *f.shape[-2:]) for f in features[:3]]
+
+    carried = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels="carried")
+    mask_features, levels = carried(features)
+    assert mask_features.shape == (2, 16, *stride4)
+    assert [tuple(level.shape) for level in levels] == [(2, 32, *f.shape[-2:]) for f in features[:0:-1]]
+
+    boxes_only = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=None)
+    mask_features, levels, assignments = boxes_only.forward_with_assignments(features)
+    assert mask_features is None and assignments is None and len(levels) == 3
+
+
+def test_mask_logits_are_the_stride32_logits_carried_back(float64, nano_features):
+    """einsum(E_mask, mask_features) at stride 4 = Eq. 4's logits on the cluster features (stride 32) carried
+    back by Eq. 5: the decoding is linear, so carrying back the features or the logits is the same."""
+    torch.manual_seed(0)
+    features = [f.double() for f in nano_features[(72, 88)]]
+    path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16)
+    mask_features, _, assignments = path.forward_with_assignments(features)
+    mask_embed = torch.randn(2, 5, 16)
+    logits32 = torch.einsum("bqe,behw->bqhw", mask_embed, path.cluster_embedding(features[-1]))
+    expected = torch.einsum("bqe,behw->bqhw", mask_embed, mask_features)
+    torch.testing.assert_close(carry_back_through(logits32, assignments), expected)
+
+
+def test_gradients_reach_the_scales_and_every_projection(nano_features):
+    torch.manual_seed(0)
+    path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16)
+    mask_features, levels = path(nano_features[(72, 88)])
+    (mask_features.square().mean() + levels[0].square().mean()).backward()  # no regularisation: Eq. 3-5 alone
+    for name, parameter in path.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert (path.scales.grad != 0).all()  # every level's scale
+
+
+def test_regularization_is_the_sum_of_the_absolute_scales():
+    path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16)
+    torch.testing.assert_close(path.scales.detach(), torch.full((3,), 0.1))
+    with torch.no_grad():
+        path.scales.copy_(torch.tensor([0.2, -0.5, 0.05]))
+    assert path.regularization().item() == pytest.approx(0.75)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="decoder_levels"):
+        HCFormerPixelPath(NANO_CHANNELS, decoder_levels="fpn")
+    with pytest.raises(ValueError, match="four backbone maps"):
+        HCFormerPixelPath(NANO_CHANNELS[1:])
+    with pytest.raises(ValueError, match="odd"):
+        HCFormerPixelPath(NANO_CHANNELS, window=4)
+
+
+@pytest.mark.parametrize("decoder_levels", ["cluster", "carried"])
+def test_the_clustering_decoder_runs_on_the_pixel_path(nano_features, decoder_levels):
+    """In place of the FPN (``decoder.pixel_decoder``) the decoder's layers cluster the path's levels and the
+    masks come out at stride 4."""
+    torch.manual_seed(0)
+    features = nano_features[(72, 88)]
+    decoder = ClusteringDecoder(
+        NANO_CHANNELS, center_dim=12, num_centers=6, num_queries=6, dim=32, mask_dim=16, num_heads=4, ffn_dim=64
+    )
+    decoder.pixel_decoder = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels=decoder_levels)
+    embed = torch.nn.Linear(32, 16)
+    seen = []
+
+    def predict(state, mask_features, assignments, hw):
+        seen.append(hw)
+        return {"masks": torch.einsum("bqe,behw->bqhw", embed(state), mask_features)}
+
+    states, mask_features = decoder(features, torch.randn(2, 6, 12), predict)
+    assert len(states) == 6 and mask_features.shape == (2, 16, 18, 22)
+    expected = [(3, 3)] * 3 if decoder_levels == "cluster" else [(3, 3), (5, 6), (9, 11)]
+    assert seen == expected * 2
+
+
+def test_torch_export_of_the_pixel_path(nano_features):
+    """Exported at a tiny size, the program computes what the module does."""
+    torch.manual_seed(0)
+    path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels="carried").eval()
+    features = list(nano_features[(72, 88)])
+    program = torch.export.export(path, (features,))
+    exported_masks, exported_levels = program.module()(features)
+    masks, levels = path(features)
+    torch.testing.assert_close(exported_masks, masks)
+    for exported, eager in zip(exported_levels, levels, strict=True):
+        torch.testing.assert_close(exported, eager)
+
+
+class Pyramid(torch.nn.Module):
+    """The pixel path on a cheap stand-in for the backbone with its size arithmetic (each map ``ceil(h/2) x
+    ceil(w/2)`` of the previous one), from a stride-4 map ``(B, 32, h, w)``; returns a flat tuple."""
+
+    def __init__(self, path):
+        super().__init__()
+        pairs = zip(NANO_CHANNELS[:-1], NANO_CHANNELS[1:], strict=True)
+        self.widen = torch.nn.ModuleList(torch.nn.Conv2d(a, b, 1) for a, b in pairs)
+        self.path = path
+
+    def forward(self, stride4):
+        features = [stride4]
+        for widen in self.widen:
+            h, w = features[-1].shape[-2:]  # padded bottom/right to even sizes, as the backbone's PatchMerging
+            padded = F.pad(features[-1], (0, 2 * ((w + 1) // 2) - w, 0, 2 * ((h + 1) // 2) - h))
+            features.append(widen(F.avg_pool2d(padded, 2)))
+        masks, levels = self.path(features)
+        return (masks, *levels)
+
+
+def test_exported_pixel_path_follows_the_input_size():
+    """Height, width and batch stay dynamic in the exported program: it matches the module at odd sizes other
+    than the example's."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+    model = Pyramid(HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels="carried")).eval()
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=16), 3: Dim("width", min=16)}
+    program = torch.export.export(model, (torch.randn(2, 32, 16, 24),), dynamic_shapes=(dims,), strict=False)
+    for shape in ((1, 32, 17, 21), (3, 32, 23, 16)):
+        stride4 = torch.randn(shape)
+        with torch.no_grad():
+            for exported, eager in zip(program.module()(stride4), model(stride4), strict=True):
+                torch.testing.assert_close(exported, eager)
+
+
+def test_onnx_export_of_the_pixel_path_runs_in_onnxruntime(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = Pyramid(HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels="carried")).eval()
+    names = ["mask_features", "level32", "level16", "level8"]
+    axes = {name: {0: "batch", 2: f"height_{name}", 3: f"width_{name}"} for name in ["stride4", *names]}
+    path = tmp_path / "pixel_path.onnx"
+    torch.onnx.export(
+        model, (torch.randn(2, 32, 16, 24),), str(path), input_names=["stride4"], output_names=names,
+        dynamic_axes=axes, opset_version=18, dynamo=False,
+    )  # fmt: skip
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    stride4 = torch.randn(1, 32, 17, 21)
+    with torch.no_grad():
+        expected = model(stride4)
+    for ran, eager in zip(session.run(None, {"stride4": stride4.numpy()}), expected, strict=True):
+        torch.testing.assert_close(torch.from_numpy(ran), eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not os.environ.get("CLUSTERFORMER_SLOW_TESTS"), reason="about 20 s; CLUSTERFORMER_SLOW_TESTS=1")
+def test_nano_backbone_and_pixel_path_export_with_dynamic_image_size():
+    """As ``clusterformer export`` traces dense models (non-strict, images from 64 pixels): the backbone's odd
+    maps reach the pixel path as symbolic sizes."""
+    from torch.export import Dim
+
+    torch.manual_seed(0)
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = timm.create_model("clusterformer_nano")
+            self.path = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels="carried")
+
+        def forward(self, images):
+            masks, levels = self.path(self.backbone.forward_dense(images)[0])
+            return (masks, *levels)
+
+    model = Dense().eval()
+    dims = {0: Dim("batch", min=1), 2: Dim("height", min=64), 3: Dim("width", min=64)}
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 96),), dynamic_shapes=(dims,), strict=False)
+    images = torch.randn(1, 3, 72, 88)
+    with torch.no_grad():
+        for exported, eager in zip(program.module()(images), model(images), strict=True):
+            torch.testing.assert_close(exported, eager, atol=1e-5, rtol=1e-4)

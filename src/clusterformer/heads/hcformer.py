@@ -17,6 +17,11 @@ channels, every pixel's feature scaled to unit length (cosine similarities), ``s
 * ``local_cluster_assignment``: Eq. 3 on the 3x3 (``window x window``) coarse neighbourhood of each fine
   pixel's parent, as a ``(B, window², H, W)`` map of weights.
 * ``carry_back`` / ``carry_back_through``: Eq. 5 for any coarse map, over one or several levels.
+* ``HCFormerPixelPath``: ``PixelDecoder``'s constructor and ``forward`` contract; the mask features are
+  the stride-32 cluster features, projected to ``mask_dim`` (``E_cluster``), carried back to stride 4.
+  Since the masks are ``einsum(mask_embed, mask_features)``, linear in the mask features, the mask logits
+  at stride 4 are exactly Eq. 4's logits carried back by Eq. 5; the paper carries back the probabilities
+  (after the sigmoid) instead: see ``docs/heads.md``, "HCFormer's hierarchical clustering pixel path".
 
 Neighbour layout: weight ``k`` of fine pixel ``(y, x)`` belongs to coarse pixel
 ``(y // 2 + k // window - window // 2, x // 2 + k % window - window // 2)`` (``F.unfold``'s order). The
@@ -33,9 +38,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..layers.clustering import is_tracing, unit
 
+DECODER_LEVELS = ("cluster", "carried")
 MIN_SCALE = 1e-4  # |s| is clamped here: s = 0 would divide by zero (the regularisation drives |s| down)
 
 
@@ -156,7 +163,123 @@ def carry_back_through(
     coarse_map: torch.Tensor, assignments: Sequence[torch.Tensor], window: int | None = None
 ) -> torch.Tensor:
     """Eq. 5 composed: ``coarse_map`` at the coarsest level carried back through ``assignments``, listed from
-    the finest to the coarsest (strides 4<-8, 8<-16, 16<-32), to the finest level's size."""
+    the finest to the coarsest (``HCFormerPixelPath.assignments``' order: strides 4<-8, 8<-16, 16<-32), to the
+    finest level's size."""
     for assignment in reversed(assignments):
         coarse_map = carry_back(coarse_map, assignment, window)
     return coarse_map
+
+
+class ChannelProjection(nn.Module):
+    """LayerNorm over the channels and a 1x1 convolution (a linear layer per pixel): HCFormer's projection of a
+    backbone map before the clustering (Fig. 2). ``(B, C_in, H, W)`` -> ``(B, C_out, H, W)``."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_channels)
+        self.proj = nn.Linear(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # contiguous: products with the gathered NCHW maps then have one memory layout (torch.export traces them
+        # without guards on the sizes)
+        return self.proj(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2).contiguous()
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class HCFormerPixelPath(nn.Module):
+    """HCFormer's hierarchical clustering in place of the FPN, with ``PixelDecoder``'s contract.
+
+    A clustering module (``ChannelProjection`` of both maps to ``cluster_dim``, then Eq. 3 with its own scale
+    ``s^(i)``) sits on each of the backbone's three downsamplings (4 -> 8, 8 -> 16, 16 -> 32; none on the patch
+    embedding, as the paper leaves the stem alone). The fine map is a stage's output, the coarse map the next
+    stage's output: the pixel path sees the stage outputs only, not the downsampling layer's output before the
+    next stage's blocks, which the paper clusters to.
+
+    Args:
+        in_channels: channels of the backbone features at strides 4, 8, 16, 32.
+        dim: width of the decoder's pixel features.
+        mask_dim: width of the mask features (``E_cluster``); ``None`` for heads without masks (detection),
+            which then need no assignments (unless ``decoder_levels="carried"``).
+        cluster_dim: ``C_F``, the width the maps are projected to before Eq. 3 (128 in the paper).
+        window: side of the coarse neighbourhood (3 in the paper).
+        initial_scale: the scales' initial value (0.1 in the paper, Appendix D).
+        decoder_levels: what the decoder's queries cluster. ``"cluster"`` (the paper, §4.1: its transformer
+            decoder attends to the backbone's last map only, no multi-scale features): the stride-32 cluster
+            features, projected to ``dim``, are all three levels. ``"carried"``: the levels keep the FPN's
+            strides 32, 16, 8: the projected stride-32 features and the same carried back to 16 and 8.
+    """
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        dim: int = 256,
+        mask_dim: int | None = 256,
+        cluster_dim: int = 128,
+        window: int = 3,
+        initial_scale: float = 0.1,
+        decoder_levels: str = "cluster",
+    ):
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(f"HCFormerPixelPath takes four backbone maps (strides 4/8/16/32), got {len(in_channels)}")
+        if decoder_levels not in DECODER_LEVELS:
+            raise ValueError(f"decoder_levels must be one of {DECODER_LEVELS}, got {decoder_levels!r}")
+        if window % 2 == 0:
+            raise ValueError(f"the neighbourhood window must be odd, got {window}")
+        self.with_masks = mask_dim is not None
+        self.decoder_levels = decoder_levels
+        self.window = window
+        self.fine_projections = nn.ModuleList(ChannelProjection(c, cluster_dim) for c in in_channels[:-1])
+        self.coarse_projections = nn.ModuleList(ChannelProjection(c, cluster_dim) for c in in_channels[1:])
+        self.scales = nn.Parameter(torch.full((len(in_channels) - 1,), float(initial_scale)))
+        self.level_projection = nn.Sequential(nn.Conv2d(in_channels[-1], dim, 1, bias=False), _group_norm(dim))
+        self.cluster_embedding = nn.Conv2d(in_channels[-1], mask_dim, 1) if self.with_masks else None
+
+    def assignments(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``features``: ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32 -> the three assignments
+        ``(B, window², H_i, W_i)`` of the maps at strides 4, 8, 16 to the next ones (finest first)."""
+        return [
+            local_cluster_assignment(
+                self.fine_projections[i](features[i]),
+                self.coarse_projections[i](features[i + 1]),
+                self.scales[i],
+                self.window,
+            )
+            for i in range(len(self.fine_projections))
+        ]
+
+    def regularization(self) -> torch.Tensor:
+        """``L_reg = Σ_i |s^(i)|``, which the paper adds to the loss with weight 0.1 (§4.1) to push Eq. 3 towards
+        hard clustering."""
+        return self.scales.abs().sum()
+
+    def forward_with_assignments(
+        self, features: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor] | None]:
+        """``forward``'s outputs and the assignments (``assignments``; ``None`` when nothing needs them)."""
+        # contiguous NCHW (the backbone's maps are permuted views): one memory layout through the products below,
+        # which torch.export then traces without guards on the sizes
+        features = [feature.contiguous() for feature in features]
+        cluster_features = self.level_projection(features[-1])  # (B, dim, H/32, W/32)
+        needs_assignments = self.with_masks or self.decoder_levels == "carried"
+        assignments = self.assignments(features) if needs_assignments else None
+        if self.decoder_levels == "cluster":
+            levels = [cluster_features] * 3
+        else:
+            stride16 = carry_back(cluster_features, assignments[2], self.window)
+            levels = [cluster_features, stride16, carry_back(stride16, assignments[1], self.window)]
+        if not self.with_masks:
+            return None, levels, assignments
+        mask_features = carry_back_through(self.cluster_embedding(features[-1]), assignments, self.window)
+        return mask_features, levels, assignments
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """``features``: ``(B, C_i, H_i, W_i)`` at strides 4/8/16/32. Returns the mask features
+        ``(B, mask_dim, H_0, W_0)``, ``E_cluster`` carried back from stride 32 (``None`` without masks), and the
+        three decoder levels ``(B, dim, h, w)``: all at stride 32 (``decoder_levels="cluster"``) or at strides
+        32, 16, 8 (``"carried"``)."""
+        mask_features, levels, _ = self.forward_with_assignments(features)
+        return mask_features, levels
