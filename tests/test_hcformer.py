@@ -251,21 +251,25 @@ def test_bad_arguments_are_refused():
         HCFormerPixelPath(NANO_CHANNELS, window=4)
 
 
-@pytest.mark.parametrize("decoder_levels", ["cluster", "carried"])
-def test_the_clustering_decoder_runs_on_the_pixel_path(nano_features, decoder_levels):
-    """In place of the FPN (``decoder.pixel_decoder``) the decoder's layers cluster the path's levels and the
-    masks come out at stride 4."""
+@pytest.mark.parametrize(
+    "decoder_levels, masked_attention", [("cluster", False), ("carried", False), ("carried", True)]
+)
+def test_the_clustering_decoder_runs_on_the_pixel_path(nano_features, decoder_levels, masked_attention):
+    """In place of the FPN (``decoder.pixel_decoder``) the decoder's layers cluster the path's levels, with masked
+    attention too, and the masks come out at stride 4."""
     torch.manual_seed(0)
     features = nano_features[(72, 88)]
     decoder = ClusteringDecoder(
-        NANO_CHANNELS, center_dim=12, num_centers=6, num_queries=6, dim=32, mask_dim=16, num_heads=4, ffn_dim=64
-    )
+        NANO_CHANNELS, center_dim=12, num_centers=6, num_queries=6, dim=32, mask_dim=16, num_heads=4, ffn_dim=64,
+        masked_attention=masked_attention,
+    )  # fmt: skip
     decoder.pixel_decoder = HCFormerPixelPath(NANO_CHANNELS, dim=32, mask_dim=16, decoder_levels=decoder_levels)
     embed = torch.nn.Linear(32, 16)
     seen = []
 
     def predict(state, mask_features, assignments, hw):
-        seen.append(hw)
+        if hw is not None:
+            seen.append(hw)
         return {"masks": torch.einsum("bqe,behw->bqhw", embed(state), mask_features)}
 
     states, mask_features = decoder(features, torch.randn(2, 6, 12), predict)
