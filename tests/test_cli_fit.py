@@ -83,17 +83,29 @@ def test_fit_with_the_shapes_config_leaves_a_checkpoint_and_the_tasks_metrics(ta
     assert 0 <= values[spec.monitor] <= 1
 
 
-@pytest.mark.parametrize("kind", ["kmax", "cmt"])
+SEED_DECODERS = {  # decoder settings -> the class of the decoder's layers and of its pixel path
+    "kind: kmax": ("KMaXDecoderLayer", "PixelDecoder"),
+    "kind: cmt": ("CMTDecoderLayer", "PixelDecoder"),
+    "pixel_path: hcformer": ("ClusteringDecoderLayer", "HCFormerPixelPath"),
+}
+
+
+@pytest.mark.parametrize("setting", list(SEED_DECODERS))
 @pytest.mark.parametrize("task", ["instance", "semantic", "panoptic"])
-def test_fit_trains_and_evaluates_the_seed_decoders(task, kind, shapes, tmp_path):
-    """``decoder.kind: kmax`` / ``cmt`` (kMaX-DeepLab's k-means cross-attention, CMT-DeepLab's clustering center
-    update; docs/heads.md) through ``clusterformer fit``."""
-    assert run("fit", task, shapes, tmp_path / "run", "--model.init_args.decoder", f"{{kind: {kind}}}") == 0
+def test_fit_trains_and_evaluates_the_seed_decoders(task, setting, shapes, tmp_path):
+    """``decoder.kind: kmax`` / ``cmt``, ``decoder.pixel_path: hcformer`` (kMaX-DeepLab's k-means cross-attention,
+    CMT-DeepLab's clustering center update, HCFormer's hierarchical clustering; docs/heads.md) through
+    ``clusterformer fit``."""
+    assert run("fit", task, shapes, tmp_path / "run", "--model.init_args.decoder", f"{{{setting}}}") == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["decoder"]["kind"] == kind
+    key, value = setting.split(": ")
+    assert checkpoint["hyper_parameters"]["decoder"][key] == value
     _, module = task_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    layer = {"kmax": "KMaXDecoderLayer", "cmt": "CMTDecoderLayer"}[kind]
+    layer, path = SEED_DECODERS[setting]
     assert type(module.model.decoder.layers[0]).__name__ == layer
+    assert type(module.model.decoder.pixel_decoder).__name__ == path
+    if path == "HCFormerPixelPath":  # its temperatures' regularisation is in the loss
+        assert "train/loss_reg" in logged(tmp_path / "run")
     values = logged(tmp_path / "run")
     assert {key for key in values if key.startswith("val/")} == set(TASKS[task].metrics)
     assert all(math.isfinite(value) for value in values.values())

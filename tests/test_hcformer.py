@@ -371,3 +371,26 @@ def test_nano_backbone_and_pixel_path_export_with_dynamic_image_size():
     with torch.no_grad():
         for exported, eager in zip(program.module()(images), model(images), strict=True):
             torch.testing.assert_close(exported, eager, atol=1e-5, rtol=1e-4)
+
+
+def test_the_tasks_add_the_temperature_regularisation_to_the_loss():
+    """``decoder.pixel_path: hcformer``: the training loss is the criterion's plus 0.1 x sum |s| (HCFormer's L_reg)."""
+    from clusterformer.heads.denoising import target_boxes
+    from clusterformer.tasks import SetTask
+
+    torch.manual_seed(0)
+    task = SetTask("instance", "clusterformer_nano", num_classes=3, loss={"num_points": 16},
+                   decoder=dict(num_queries=5, dim=32, mask_dim=32, num_layers=2, num_heads=4, ffn_dim=64,
+                                pixel_path="hcformer"))  # fmt: skip
+    assert type(task.model.decoder.pixel_decoder).__name__ == "HCFormerPixelPath"
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 4:30, 4:30], masks[1, 30:60, 20:50] = True, True
+    targets = [{"labels": torch.tensor([0, 2]), "masks": masks, "boxes": target_boxes({"masks": masks})}] * 2
+    torch.manual_seed(1)
+    total, losses = task.training_loss(torch.randn(2, 3, 64, 64), targets)
+    regularisation = task.model.decoder.pixel_decoder.regularization()
+    torch.testing.assert_close(losses["loss_reg"], regularisation)
+    criterion_total = task.criterion.weighted_total({k: v for k, v in losses.items() if k != "loss_reg"})
+    torch.testing.assert_close(total, criterion_total + 0.1 * regularisation)
+    total.backward()
+    assert all(p.grad is not None for n, p in task.model.decoder.pixel_decoder.named_parameters() if "scale" in n)

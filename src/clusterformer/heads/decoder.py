@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import RecurrentClustering
+from .hcformer import HCFormerPixelPath
 from .kmax import KMaXDecoderLayer
 
 if TYPE_CHECKING:
@@ -280,7 +281,8 @@ DECODER_LAYERS: dict[str, type[nn.Module]] = {
 }  # and "cmt" (heads.cmt.CMTDecoderLayer, which builds on this module), added by the package's __init__
 # ``decoder.pixel_path``: what turns the backbone's four maps into the decoder's levels and the mask features, built
 # as ``PixelPath(in_channels, dim, mask_dim)`` and called as ``PixelDecoder`` is
-PIXEL_PATHS: dict[str, type[nn.Module]] = {"fpn": PixelDecoder}
+# (``"hcformer"``: HCFormer's hierarchical clustering, whose ``regularization()`` the tasks add to the loss)
+PIXEL_PATHS: dict[str, type[nn.Module]] = {"fpn": PixelDecoder, "hcformer": HCFormerPixelPath}
 
 
 def _registered(table: dict[str, type], name: str, option: str) -> type:
@@ -311,7 +313,8 @@ class ClusteringDecoder(nn.Module):
             clustering (``ClusteringDecoderLayer``), or ``"kmax"``, kMaX-DeepLab's k-means cross-attention
             (``heads.kmax.KMaXDecoderLayer``, two layers per level, coarse first), or ``"cmt"``, CMT-DeepLab's
             clustering center update with its pixel update and reference points (``heads.cmt.CMTDecoderLayer``).
-        pixel_path: the pixel features (:data:`PIXEL_PATHS`): ``"fpn"``, the paper's FPN (``PixelDecoder``).
+        pixel_path: the pixel features (:data:`PIXEL_PATHS`): ``"fpn"``, the paper's FPN (``PixelDecoder``), or
+            ``"hcformer"``, HCFormer's hierarchical clustering (``heads.hcformer.HCFormerPixelPath``).
         query_selection: the task head scores every encoder center (``proposals``) and the ``num_queries``
             top-scoring ones start the queries (DINO's / Mask DINO's query selection, from the cluster centers):
             their projections are the queries' content (``query_init="encoder"``; with ``"free"`` the content is

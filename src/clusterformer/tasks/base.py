@@ -93,6 +93,11 @@ def make_loader(
     )
 
 
+# HCFormer's weight of the regularisation of its clustering temperatures (its training loss: L_mask + λ_cls L_cls +
+# λ_reg Σ|s|, λ_reg = 0.1), for the tasks whose pixel path is HCFormer's
+HCFORMER_REG_WEIGHT = 0.1
+
+
 class DenseData(L.LightningDataModule):
     """Loaders over ``_dataset(train)`` with ``_collate(train)``; ``hparams.batch_size`` and ``num_workers``
     (checked by the subclass's constructor: ``check_loader_settings``)."""
@@ -269,7 +274,12 @@ class DenseTask(BaseTask):
         from the targets); what ``training_step`` optimises, and the learning-speed comparison too."""
         outputs = self.model(images, targets) if getattr(self.model, "denoiser", None) is not None else self(images)
         losses = self.criterion(outputs, targets)
-        return self.criterion.weighted_total(losses), losses
+        total = self.criterion.weighted_total(losses)
+        pixel_path = getattr(getattr(self.model, "decoder", None), "pixel_decoder", None)
+        if hasattr(pixel_path, "regularization"):  # HCFormer's L_reg = sum |s| of its temperatures, weight 0.1
+            losses["loss_reg"] = pixel_path.regularization()
+            total = total + HCFORMER_REG_WEIGHT * losses["loss_reg"]
+        return total, losses
 
     def training_step(self, batch, batch_idx):
         images, targets = batch

@@ -49,7 +49,8 @@ class DecoderSettings:
         dn_label_noise, dn_box_noise: the denoising queries' label flip probability and box noise scale.
         kind: the decoder's layers, ``"clusterformer"`` (the paper's) or ``"kmax"`` (kMaX-DeepLab's k-means
             cross-attention; models with masks); ``heads.decoder.DECODER_LAYERS``.
-        pixel_path: the decoder's pixel features, ``"fpn"`` (the paper's; ``heads.decoder.PIXEL_PATHS``).
+        pixel_path: the decoder's pixel features, ``"fpn"`` (the paper's) or ``"hcformer"`` (HCFormer's hierarchical
+            clustering, its temperatures regularised in the loss); ``heads.decoder.PIXEL_PATHS``.
     """
 
     num_queries: int = 100
