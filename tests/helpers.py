@@ -98,3 +98,20 @@ def train_one_step(task: str, root, path):
 
     L.seed_everything(0, verbose=False)
     return save_after_one_step(*task_and_data(task, root), path)
+
+
+def set_losses_over_steps(model, criterion, images, targets, steps: int = 6) -> list[float]:
+    """The loss of the matching queries (denoising terms left out) before each of ``steps`` AdamW steps (lr 1e-3) of
+    a set model on one batch, the whole loss optimised; the criterion's random points drawn alike every step."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    values = []
+    for _ in range(steps):
+        torch.manual_seed(1)
+        losses = criterion(model(images, targets), targets)
+        values.append(criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k}).item())
+        optimizer.zero_grad()
+        criterion.weighted_total(losses).backward()
+        optimizer.step()
+    return values

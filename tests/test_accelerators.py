@@ -15,6 +15,7 @@ from clusterformer.heads.denoising import Denoiser, noised_boxes, target_boxes
 from clusterformer.layers import RecurrentClustering
 from clusterformer.losses import SetLossSettings
 from clusterformer.tasks.sets import set_criterion
+from helpers import set_losses_over_steps
 
 DECODER = dict(num_queries=6, dim=32, mask_dim=32, num_layers=3, num_heads=4, iterations=2, ffn_dim=64)
 
@@ -274,18 +275,9 @@ def test_training_steps_lower_the_loss_with_each_switch(decoder):
     torch.manual_seed(0)
     model = build_set_model("clusterformer_nano", num_classes=3, boxes=False, masks=True, **DECODER, **decoder)
     criterion = set_criterion(3, False, True, SetLossSettings(num_points=64))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, targets = torch.randn(2, 3, 64, 64), _targets(masks=True)
     model.train()
-    values = []
-    for _ in range(6):
-        torch.manual_seed(1)
-        losses = criterion(model(images, targets), targets)
-        plain = criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k})
-        values.append(plain.item())
-        optimizer.zero_grad()
-        criterion.weighted_total(losses).backward()
-        optimizer.step()
+    values = set_losses_over_steps(model, criterion, images, targets)
     assert values[-1] < values[0]
 
 

@@ -442,13 +442,7 @@ def test_cmt_behind_decoder_kind_supervises_the_reference_points(denoising):
     torch.testing.assert_close(losses["loss_points"], expected, rtol=1e-4, atol=1e-6)
     criterion.weighted_total(losses).backward()
     assert all(layer.reference.layers[-1].weight.grad.abs().sum() > 0 for layer in model.decoder.layers)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    values = []
-    for _ in range(6):
-        torch.manual_seed(1)
-        losses = criterion(model(images, targets), targets)
-        values.append(criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k}).item())
-        optimizer.zero_grad()
-        criterion.weighted_total(losses).backward()
-        optimizer.step()
+    from helpers import set_losses_over_steps
+
+    values = set_losses_over_steps(model, criterion, images, targets)
     assert values[-1] < values[0]

@@ -405,15 +405,9 @@ def test_kmax_behind_decoder_kind_supervises_every_layers_affinity_as_its_masks(
     criterion.weighted_total(losses).backward()
     for layer in model.decoder.layers:
         assert layer.q.weight.grad.abs().sum() > 0 and layer.k.weight.grad.abs().sum() > 0
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    values = []
-    for _ in range(6):
-        torch.manual_seed(1)
-        losses = criterion(model(images, targets), targets)
-        values.append(criterion.weighted_total({k: v for k, v in losses.items() if "_dn" not in k}).item())
-        optimizer.zero_grad()
-        criterion.weighted_total(losses).backward()
-        optimizer.step()
+    from helpers import set_losses_over_steps
+
+    values = set_losses_over_steps(model, criterion, images, targets)
     assert values[-1] < values[0]
 
 
