@@ -62,7 +62,7 @@ def backbone(overrides: dict):
 
 
 def test_tables_list_the_paper_rows_and_mark_its_defaults():
-    assert list(TABLES) == ["6a", "6b", "6c", "6d", "6e", "6f", "s1a", "s1b", "s1c", "s1d", "s1e", "s1f"]
+    assert list(TABLES) == ["6a", "6b", "6c", "6d", "6e", "6f", "s1a", "s1b", "s1c", "s1d", "s1e", "s1f", "seeds"]
     assert [o["iterations"] for _, o in TABLES["6b"]] == [1, 2, 3, 4]
     assert [o["head_dim"] for _, o in TABLES["6d"]] == [16, 24, 32, 40, 48]
     assert [o["center_update"] for _, o in TABLES["6c"]] == ["cosine", "vanilla", "criss_cross", "kmeans", "recurrent"]

@@ -99,3 +99,30 @@ def test_table_s1f_runs_from_the_command_line(shapes, tmp_path):
     assert "**Table S1f** (f) Decoder Query Initialization for panoptic segmentation" in markdown
     assert "| Decoder Query Initialization | PQ | PQ Th | PQ St |" in markdown
     assert "not COCO panoptic numbers" in markdown and "PQ, PQ of things and of stuff in %" in markdown
+
+
+def test_the_seeds_table_puts_the_four_clustering_decoders_side_by_side(shapes, tmp_path):
+    """``clusterformer ablate --table seeds --quick``: ClusterFormer's decoder, kMaX-DeepLab's, CMT-DeepLab's and
+    HCFormer's pixel path on the same panoptic model, data, budget and seed; their metrics, parameters and speed."""
+    assert table_task("seeds") == "panoptic" and ADOPTED["seeds"] == 0
+    layers = [type(build_row("seeds", i, PANOPTIC, tmp_path / f"b{i}", config_overrides=settings(shapes))[0].model
+                   .decoder.layers[0]).__name__ for i in range(4)]  # fmt: skip
+    assert layers == ["ClusteringDecoderLayer", "KMaXDecoderLayer", "CMTDecoderLayer", "ClusteringDecoderLayer"]
+    path = build_row("seeds", 3, PANOPTIC, tmp_path / "b", config_overrides=settings(shapes))[0].model.decoder
+    assert type(path.pixel_decoder).__name__ == "HCFormerPixelPath"
+    limits = ["--limit-train-batches", "1", "--limit-val-batches", "1"]  # the rest from --quick: one epoch
+    args = ["ablate", "--table", "seeds", "--quick", "--config", str(PANOPTIC), "--out", str(tmp_path / "o"), *limits]
+    assert main(args + [item for setting in settings(shapes) for item in ("--set", setting)]) == 0
+    report = json.loads((tmp_path / "o" / "table_seeds.json").read_text())
+    assert report["max_epochs"] == 1 and report["limit_train_batches"] == 1
+    rows = report["rows"]
+    assert len(rows) == 4 and all(row["reproduced"] for row in rows)
+    for row in rows:
+        assert set(row["metrics"]) == {"PQ", "PQ_th", "PQ_st", "mAP_th", "mIoU"}
+        assert all(value is None or 0 <= value <= 1 for value in row["metrics"].values())
+        assert row["params"] > 0 and row["train_images_per_second"] > 0 and row["val_images_per_second"] > 0
+    assert len({row["params"] for row in rows}) == 4  # four different decoders
+    markdown = (tmp_path / "o" / "table_seeds.md").read_text()
+    assert "| Decoder | #Params | PQ | PQ Th | PQ St | mask AP Th | mIoU | train img/s | val img/s |" in markdown
+    assert "| **ClusterFormer (recurrent cross-attention clustering)** |" in markdown
+    assert "kMaX-DeepLab" in markdown and "CMT-DeepLab" in markdown and "HCFormer" in markdown

@@ -98,6 +98,15 @@ TABLES |= {
     "s1f": [(label, None if overrides is None else {"decoder": dict(overrides)}) for label, overrides in TABLES["6f"]],
 }
 
+# The clustering decoders ClusterFormer builds on, as switches of the same panoptic model (docs/heads.md): the same
+# backbone, data, budget and seed for every row. Not a table of the paper.
+TABLES["seeds"] = [
+    ("ClusterFormer (recurrent cross-attention clustering)", {"decoder": {}}),
+    ("kMaX-DeepLab (k-means cross-attention)", {"decoder": {"kind": "kmax"}}),
+    ("CMT-DeepLab (clustering center update)", {"decoder": {"kind": "cmt"}}),
+    ("HCFormer (hierarchical clustering pixel path)", {"decoder": {"pixel_path": "hcformer"}}),
+]
+
 # the row of each table that the paper adopts (marked in red there, in bold here)
 ADOPTED = {
     "6a": 3,
@@ -112,6 +121,7 @@ ADOPTED = {
     "s1d": 2,
     "s1e": 4,
     "s1f": 4,
+    "seeds": 0,
 }
 
 # "#Params" of the paper's Table 6, row by row, in millions: ClusterFormer-Tiny with the 1000-class head (6b prints
@@ -156,6 +166,12 @@ LAYOUTS = {
     "s1f": Layout(
         "(f) Decoder Query Initialization for panoptic segmentation", "Decoder Query Initialization", PANOPTIC, 1
     ),
+    "seeds": Layout(
+        "The clustering decoders ClusterFormer builds on, on one panoptic model",
+        "Decoder",
+        (*PANOPTIC, ("mask AP Th", "mAP_th"), ("mIoU", "mIoU")),
+        1,
+    ),
 }
 
 # the logged validation metric behind each reported key (one of the task's ``registry.TASKS[task].metrics``)
@@ -164,6 +180,11 @@ METRICS = {
     "instance": {"mAP": "val/segm_AP", "AP50": "val/segm_AP50", "AP75": "val/segm_AP75"},
     "panoptic": {"PQ": "val/PQ", "PQ_th": "val/PQ_th", "PQ_st": "val/PQ_st"},
 }
+# tables that report more of their task's metrics
+TABLE_METRICS = {"seeds": {**METRICS["panoptic"], "mAP_th": "val/mAP_pan_th", "mIoU": "val/mIoU_pan"}}
+# tables that also report each row's parameters and speed (images per second of its training steps and of its
+# validation batches, timed in the run)
+WITH_SPEED = ("seeds",)
 
 NOT_REPRODUCED = (
     "not reproduced: the clustering decoder has no such query initialisation (only learnt free queries and the "
@@ -189,9 +210,9 @@ def table_name(table: str) -> str:
 
 def table_task(table: str) -> str:
     """``"classification"`` (6a-6e, ImageNet in the paper), ``"instance"`` (6f, COCO) or ``"panoptic"`` (S1a-S1f,
-    COCO panoptic)."""
+    COCO panoptic; ``seeds``, the clustering decoders side by side)."""
     table = check_table(table)
-    if table.startswith("s1"):
+    if table.startswith("s1") or table == "seeds":
         return "panoptic"
     return "instance" if table == "6f" else "classification"
 
@@ -538,14 +559,17 @@ def run_ablation(
             progress_bar=progress_bar,
         )
         used, total = count_parameters(model)
+        timer = _batch_timer()
+        trainer.callbacks.append(timer)
         with warnings.catch_warnings():
             if not resume:  # nothing to resume (checked above): Lightning's notes on the "last" checkpoint it looks
                 # for, which the configs' OnExceptionCheckpoint names, do not apply (as in `clusterformer fit`)
                 for note in NO_RESUME_NOTES:
                     warnings.filterwarnings("ignore", message=note)
             trainer.fit(model, datamodule=data, ckpt_path="last" if resume else None)
+        timer.validation = [0, 0.0]  # the final validation's batches only
         logged = trainer.validate(model, datamodule=data, verbose=False)[0]
-        metrics = {key: _fraction(logged.get(name)) for key, name in METRICS[task].items()}
+        metrics = {key: _fraction(logged.get(name)) for key, name in TABLE_METRICS.get(table, METRICS[task]).items()}
         seconds = time.perf_counter() - start
         report.update(
             model=_model_name(model),
@@ -560,6 +584,8 @@ def run_ablation(
                 "params": used,
                 "params_total": total,
                 "metrics": metrics,
+                "train_images_per_second": timer.rate(timer.training),
+                "val_images_per_second": timer.rate(timer.validation),
                 "seconds": round(seconds, 1),
                 "dir": str(row_dir),
             }
@@ -572,6 +598,41 @@ def run_ablation(
     log(markdown)
     log(f"wrote {out_dir / f'table_{table}.md'} and {out_dir / f'table_{table}.json'}")
     return report
+
+
+def _batch_timer():
+    """A Lightning callback that times the training steps and the validation batches: its ``training`` and
+    ``validation`` are ``[images, seconds]``, ``rate(totals)`` their images per second."""
+    from lightning.pytorch.callbacks import Callback
+
+    class BatchTimer(Callback):
+        def __init__(self):
+            self.training, self.validation, self._start = [0, 0.0], [0, 0.0], 0.0
+
+        @staticmethod
+        def rate(totals: list) -> float | None:
+            return round(totals[0] / totals[1], 2) if totals[1] > 0 else None
+
+        def _begin(self) -> None:
+            self._start = time.perf_counter()
+
+        def _end(self, totals: list, batch) -> None:
+            totals[0] += len(batch[0])
+            totals[1] += time.perf_counter() - self._start
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+            self._begin()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            self._end(self.training, batch)
+
+        def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0) -> None:
+            self._begin()
+
+        def on_validation_batch_end(self, trainer, module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            self._end(self.validation, batch)
+
+    return BatchTimer()
 
 
 def _fraction(value) -> float | None:
@@ -589,11 +650,13 @@ def markdown_table(report: dict) -> str:
     table = report["table"]
     layout = LAYOUTS[table]
     with_params = report["task"] == "classification"
+    with_speed = table in WITH_SPEED
     comparison_headers = ["ClusterFormer-T", "paper", "Δ"] if with_params else []
     headers = [
         layout.first_column,
-        *(["#Params"] if with_params else []),
+        *(["#Params"] if with_params or with_speed else []),
         *(h for h, _ in layout.columns),
+        *(["train img/s", "val img/s"] if with_speed else []),
         *comparison_headers,
     ]
     comparison = paper_comparison(table) if with_params else []
@@ -626,9 +689,13 @@ def markdown_table(report: dict) -> str:
         if with_params:
             mark = unused_mark if row["params_total"] != row["params"] else ""
             cells.append(f"{row['params'] / 1e6:.2f}M{mark}")
+        if with_speed:
+            cells.append(f"{row['params'] / 1e6:.2f}M")
         for _, key in layout.columns:
             value = row["metrics"].get(key)
             cells.append(f"—{missing_mark}" if value is None else f"{100 * value:.{layout.percent_digits}f}")
+        if with_speed:
+            cells += [_shown_rate(row.get("train_images_per_second")), _shown_rate(row.get("val_images_per_second"))]
         if with_params:
             paper = comparison[index]
             cells += [f"{paper['tiny'] / 1e6:.2f}M", f"{paper['paper'] / 1e6:.2f}M", f"{paper['percent']:+.1f}%"]
@@ -660,13 +727,30 @@ def markdown_table(report: dict) -> str:
             "paper's. Where and why they differ: docs/architecture.md, Variants."
         )
         notes.append("Accuracies in %, on the validation split. The adopted design of the paper in bold.")
+    elif with_speed:
+        notes.append(
+            "PQ, PQ of things and of stuff, mask AP of the things (pycocotools) and mIoU in %, on the validation "
+            "split; #Params: the parameters the forward pass computes with; img/s: images per second of the "
+            "training steps and of the validation batches (forward, post-processing and metric update), timed in "
+            "this run on its machine: compare the rows with each other. ClusterFormer's decoder, the paper's, in "
+            "bold; the others are switches of the same model (docs/heads.md), each with the paper's mechanism and "
+            "this model's sizes."
+        )
     else:
         what = "Mask AP in % (pycocotools)" if report["task"] == "instance" else "PQ, PQ of things and of stuff in %"
         notes.append(f"{what}, on the validation split. The adopted design of the paper in bold.")
     return body + "\n\n" + "\n\n".join(notes) + "\n"
 
 
+def _shown_rate(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 # --- the command -----------------------------------------------------------------------------------------------------
+# --quick: every row trained briefly (the seeds table on the shapes panoptic config in minutes on a 2-core CPU)
+QUICK = {"max_epochs": 1, "limit_train_batches": 40, "limit_val_batches": 10}
+
+
 def _batches(text: str) -> int | float:
     """Lightning's ``limit_*_batches``: an integer is a number of batches, a fraction a share of them."""
     try:
@@ -690,7 +774,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "decoder query initialisation: an instance segmentation config; S1a-S1f, the same six parts of the "
         "supplement's Table S1: a panoptic segmentation config. See docs/training.md, Ablations.",
     )
-    parser.add_argument("--table", required=True, help="6a, 6b, 6c, 6d, 6e, 6f or S1a ... S1f")
+    parser.add_argument(
+        "--table", required=True, help="6a, 6b, 6c, 6d, 6e, 6f, S1a ... S1f, or seeds (the clustering decoders)"
+    )
     parser.add_argument("--config", required=True, help="LightningCLI YAML config of the task and data")
     parser.add_argument("--out", default="runs/ablate", help="output folder (default: runs/ablate)")
     parser.add_argument("--max-epochs", type=int, help="default: the config's trainer.max_epochs")
@@ -707,6 +793,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", action="store_true", help="continue the rows of an earlier run in --out from their checkpoints"
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short run of every row: {QUICK['max_epochs']} epoch of {QUICK['limit_train_batches']} training "
+        f"batches, {QUICK['limit_val_batches']} validation batches (options given explicitly win)",
+    )
     parser.set_defaults(func=run)
     return parser
 
@@ -716,6 +808,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         table = check_table(args.table)
+        if args.quick:
+            for name, value in QUICK.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
         with quiet_lightning():  # the rows, their progress and metrics; not Lightning's notes (progress.py)
             run_ablation(
                 table,
