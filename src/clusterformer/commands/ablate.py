@@ -748,7 +748,7 @@ def _shown_rate(value) -> str:
 
 # --- the command -----------------------------------------------------------------------------------------------------
 # --quick: every row trained briefly (the seeds table on the shapes panoptic config in minutes on a 2-core CPU)
-QUICK = {"max_epochs": 1, "limit_train_batches": 40, "limit_val_batches": 10}
+QUICK = {"max_epochs": 1, "limit_train_batches": 100, "limit_val_batches": 10}
 
 
 def _batches(text: str) -> int | float:
