@@ -394,3 +394,23 @@ def test_the_tasks_add_the_temperature_regularisation_to_the_loss():
     torch.testing.assert_close(total, criterion_total + 0.1 * regularisation)
     total.backward()
     assert all(p.grad is not None for n, p in task.model.decoder.pixel_decoder.named_parameters() if "scale" in n)
+
+
+def test_training_steps_lower_the_loss_of_a_model_on_the_pixel_path():
+    """``decoder.pixel_path: hcformer``: a few steps of an instance model on one batch lower its loss."""
+    from clusterformer.heads import build_set_model
+    from clusterformer.heads.denoising import target_boxes
+    from clusterformer.losses import SetLossSettings
+    from clusterformer.tasks.sets import set_criterion
+    from helpers import set_losses_over_steps
+
+    torch.manual_seed(0)
+    model = build_set_model("clusterformer_nano", num_classes=3, boxes=False, masks=True, num_queries=6, dim=32,
+                            mask_dim=32, num_layers=3, num_heads=4, ffn_dim=64, pixel_path="hcformer")  # fmt: skip
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 4:30, 4:30], masks[1, 30:60, 20:50] = True, True
+    targets = [{"labels": torch.tensor([0, 2]), "masks": masks, "boxes": target_boxes({"masks": masks})}] * 2
+    criterion = set_criterion(3, False, True, SetLossSettings(num_points=64))
+    model.train()
+    values = set_losses_over_steps(model, criterion, torch.randn(2, 3, 64, 64), targets)
+    assert values[-1] < values[0]
