@@ -269,6 +269,12 @@ def test_targets_say_what_was_met_and_what_was_missed(tmp_path):
     assert "Missed: detection val/bbox_AP50, panoptic val/PQ_th." in text
     full["targets"] = [row | {"met": True} for row in full["targets"]]
     assert "Every target met." in "\n".join(target_lines(full))
+    # the wall time in seconds and the metrics as fractions, whatever their values
+    perfect = _metrics(0.4, top1=1.0)
+    perfect.update(preset="full", targets=target_rows(perfect, "full"))
+    text = "\n".join(target_lines(perfect))
+    assert "| all | seconds | <= 900 s | 0 s | yes |" in text
+    assert "| classification | val/top1 | >= 0.950 | 1.000 | yes |" in text
 
 
 def test_the_thing_class_probe_runs_on_a_demo_folder(uninterrupted, tmp_path, monkeypatch, capsys):

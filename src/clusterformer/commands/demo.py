@@ -538,8 +538,8 @@ def target_lines(metrics: dict) -> list[str]:
     if not rows:
         return []
 
-    def shown(value) -> str:
-        return f"{value:.0f} s" if isinstance(value, float) and value > 1 else f"{value:.3f}"
+    def shown(row: dict, value) -> str:
+        return f"{value:.0f} s" if row["metric"] == "seconds" else f"{value:.3f}"
 
     lines = [
         f"## Targets of the {metrics['preset']} preset (a quiet 2-core CPU)",
@@ -549,8 +549,9 @@ def target_lines(metrics: dict) -> list[str]:
     ]
     for row in rows:
         target = row["target"]
-        wanted = target if isinstance(target, str) else ("<= " if row["metric"] == "seconds" else ">= ") + shown(target)
-        lines.append(f"| {row['task']} | {row['metric']} | {wanted} | {shown(row['value'])} | "
+        bound = "<= " if row["metric"] == "seconds" else ">= "
+        wanted = target if isinstance(target, str) else bound + shown(row, target)
+        lines.append(f"| {row['task']} | {row['metric']} | {wanted} | {shown(row, row['value'])} | "
                      f"{'yes' if row['met'] else '**no**'} |")  # fmt: skip
     missed = [f"{row['task']} {row['metric']}" for row in rows if not row["met"]]
     lines.append("")

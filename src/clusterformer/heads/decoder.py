@@ -349,7 +349,6 @@ class ClusteringDecoder(nn.Module):
         super().__init__()
         layer_class = _registered(DECODER_LAYERS, kind, "decoder kind")
         path_class = _registered(PIXEL_PATHS, pixel_path, "decoder pixel_path")
-        self.kind, self.pixel_path_name = kind, pixel_path
         if masked_attention and mask_dim is None:
             raise ValueError("masked_attention needs the mask features (mask_dim)")
         if query_selection and num_queries > num_centers:

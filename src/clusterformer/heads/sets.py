@@ -182,9 +182,9 @@ class ClusterFormerSets(nn.Module):
 
             def supervised(layers: list[dict], part: slice) -> list[dict]:
                 # the layers' predictions are the last ones (masked attention's initial prediction comes first)
-                first = len(layers) - len(affinities)
-                return layers[:first] + [
-                    {**out, "masks": maps[:, part]} for out, maps in zip(layers[first:], affinities, strict=True)
+                start = len(layers) - len(affinities)
+                return layers[:start] + [
+                    {**out, "masks": maps[:, part]} for out, maps in zip(layers[start:], affinities, strict=True)
                 ]
 
             aux = supervised(outputs, slice(None, num_queries))
