@@ -43,6 +43,7 @@ from .layers import (
     is_tracing,
 )
 from .layers.dispatching import NEEDS_ASSIGNMENTS
+from .layers.fused import set_fused
 
 __all__ = ["ClusterFormer", "ClusterBlock"]
 
@@ -159,6 +160,7 @@ class ClusterBlock(nn.Module):
         layer_scale: float | None = None,
         norm_layer=nn.LayerNorm,
         reads_centers: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
         if center_update not in CENTER_UPDATES:
@@ -195,12 +197,12 @@ class ClusterBlock(nn.Module):
             self.clustering = ContextClusterUpdate(dim, num_heads, head_dim, center_grid)
         elif updates:
             self.clustering = RecurrentClustering(
-                dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature
+                dim, num_heads, head_dim, iterations, center_update, center_grid, m_step, temperature, fused
             )
         else:
             self.clustering = None
         self.dispatch = FeatureDispatch(
-            center_dim, dim, dispatch, hard_dispatch, update_similarity=center_update == "cosine"
+            center_dim, dim, dispatch, hard_dispatch, update_similarity=center_update == "cosine", fused=fused
         )
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -250,16 +252,20 @@ class ClusterBlock(nn.Module):
         # The (image, head) slices are clustered a few at a time, so that a slice's (N, K) assignment
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
         # backward pass concatenates the chunk gradients once. A traced graph takes one chunk (the number of
-        # chunks depends on the input size).
-        if is_tracing():
+        # chunks depends on the input size). The fused operator works in blocks of its own: one call.
+        if is_tracing() or self._fused(dispatching):
             parts = [(centers0, keys, values)]
         else:
             step = max(1, self.chunk_elements // (n * k))
             key_parts = [None] * len(range(0, b * heads, step)) if keys is None else keys.split(step)
             parts = zip(centers0.split(step), key_parts, values.split(step), strict=True)
         chunks = []
+        # the last assignment is computed for the pictures, or for a dispatching that reads it
+        need = return_clusters or (dispatching and self.dispatch.mode in NEEDS_ASSIGNMENTS)
         for chunk_centers, chunk_keys, chunk_values in parts:
-            chunk_centers, chunk_assign = self.clustering(chunk_centers, chunk_keys, chunk_values, (h, w))
+            chunk_centers, chunk_assign = self.clustering(
+                chunk_centers, chunk_keys, chunk_values, (h, w), need_assignments=need
+            )
             chunk_received = self.dispatch.aggregate(chunk_centers, chunk_values, chunk_assign) if dispatching else None
             chunks.append((chunk_centers, chunk_assign, chunk_received))
         if centers_only:
@@ -273,6 +279,11 @@ class ClusterBlock(nn.Module):
         centers = _cat([chunk[0] for chunk in chunks]).view(b, heads, d, k).transpose(2, 3)
         maps = None if chunks[0][1] is None else assignment_maps(_cat([chunk[1] for chunk in chunks]), b, (h, w))
         return x, centers, maps
+
+    def _fused(self, dispatching: bool) -> bool:
+        """Whether this block's clustering and dispatching both run as the fused operator (one call, no chunks)."""
+        fused_dispatch = not dispatching or (self.dispatch.mode == "ours" and self.dispatch.fused)
+        return self.clustering.update == "none" or (self.clustering.fused and fused_dispatch)
 
     def _dispatch(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
         """Add the projected ``received (B * heads, N, d)`` to the tokens ``x (B, H, W, C)``."""
@@ -385,6 +396,9 @@ class ClusterFormer(nn.Module):
         center_hidden_ratio: hidden width of the center-initialisation FFN relative to the stage width.
         drop_rate: dropout before the classifier. drop_path_rate: stochastic depth, linear over blocks.
         layer_scale: initial per-channel residual scale (``None``: no layer scale).
+        fused: the clustering and the dispatching through the fused operator (``clusterformer.layers.fused``: the
+            same numbers, no ``(N, K)`` tensor kept); ``False``: the unfused products. Not a weight: switch it on a
+            built model with ``clusterformer.layers.set_fused(model, enabled)``.
     """
 
     def __init__(
@@ -411,6 +425,7 @@ class ClusterFormer(nn.Module):
         layer_scale: float | None = None,
         norm_layer: type[nn.Module] | None = None,
         head: str = "centers",
+        fused: bool = True,
     ):
         # the constructor's arguments: save_pretrained writes them to config.json, which rebuilds the model
         init_args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
@@ -477,6 +492,7 @@ class ClusterFormer(nn.Module):
         for module in self.modules():
             if isinstance(module, RecurrentClustering):
                 module.init_as_kmeans()
+        set_fused(self, fused)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -205,9 +205,11 @@ def _decoder_assignments(dense, batch: torch.Tensor, stages: list[dict], input_s
     else:  # kMaX's layer (one head): the argmax of its affinity logits, its output queries as the centers
         hook = last.register_forward_hook(lambda m, i, out: captured.update(affinity=m.last_affinity, queries=out))
     hooks = [hook, decoder.pixel_decoder.register_forward_hook(lambda m, i, out: captured.update(levels=out[1]))]
+    keep, decoder.keep_assignments = decoder.keep_assignments, True  # the layers compute their last assignment
     try:
         outputs = dense(batch)
     finally:
+        decoder.keep_assignments = keep
         for hook in hooks:
             hook.remove()
     layer = len(decoder.layers) - 1

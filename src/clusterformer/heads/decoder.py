@@ -193,12 +193,14 @@ class ClusteringDecoderLayer(nn.Module):
         memory_pos: torch.Tensor,
         blocked: torch.Tensor | None = None,
         groups: Sequence[int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        need_assignments: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``queries (B, K, D)`` (position included), ``memory (B, N, D)``, ``memory_pos (N, D)`` ->
         the update ``(B, K, D)`` (the final centers, or for ``m_step="sum"`` their scaled change) and the last
-        assignment ``(B, heads, N, K)``. ``blocked (B, N, K)``: pixel ``n`` may not join query ``k`` (masked
-        attention); ``groups``: sizes of consecutive groups of queries that cluster the pixels each on their own
-        (the denoising queries; ``RecurrentClustering.forward``)."""
+        assignment ``(B, heads, N, K)`` (``None`` when the fused operator runs and it is not ``need_assignments``).
+        ``blocked (B, N, K)``: pixel ``n`` may not join query ``k`` (masked attention); ``groups``: sizes of
+        consecutive groups of queries that cluster the pixels each on their own (the denoising queries;
+        ``RecurrentClustering.forward``)."""
         b, k, dim = queries.shape
         n = memory.shape[1]
         heads, d = self.clustering.num_heads, self.clustering.head_dim
@@ -207,12 +209,13 @@ class ClusteringDecoderLayer(nn.Module):
         if blocked is not None:  # the same pixels for every head
             blocked = blocked[:, None].expand(b, heads, n, k).reshape(b * heads, n, k)
         if self.clustering.em:
-            update, assignments = self.clustering(centers0, keys, values, (n, 1), blocked, groups)
+            update, assignments = self.clustering(centers0, keys, values, (n, 1), blocked, groups, need_assignments)
         else:
-            centers, assignments = self.clustering(centers0, keys, values * (k / n), (n, 1), blocked, groups)
+            scaled = values * (k / n)
+            centers, assignments = self.clustering(centers0, keys, scaled, (n, 1), blocked, groups, need_assignments)
             update = centers - centers0
         update = update.view(b, heads, d, k).permute(0, 3, 1, 2).reshape(b, k, dim)
-        return update, assignments.view(b, heads, n, k)
+        return update, None if assignments is None else assignments.view(b, heads, n, k)
 
     def forward(
         self,
@@ -229,7 +232,8 @@ class ClusteringDecoderLayer(nn.Module):
         The last E-step's assignment ``(B, heads, N, K)`` is appended to ``assignments`` when given.
         ``blocked`` and ``groups`` restrict the clustering (``cluster``); ``attn_mask (K, K)``, ``True`` where
         query ``i`` may not attend to query ``j``, the self-attention."""
-        update, assignment = self.cluster(queries + query_pos, memory, memory_pos, blocked, groups)
+        need = assignments is not None
+        update, assignment = self.cluster(queries + query_pos, memory, memory_pos, blocked, groups, need)
         if assignments is not None:
             assignments.append(assignment)
         queries = self.norm1(queries + self.dropout(self.cluster_out(update)))
@@ -354,6 +358,9 @@ class ClusteringDecoder(nn.Module):
         if query_selection and num_queries > num_centers:
             raise ValueError(f"query_selection keeps {num_queries} of the {num_centers} encoder centers: too many")
         self.masked_attention = masked_attention
+        # whether each layer's last query-to-pixel assignment reaches ``predict`` (the boxes of the clusters, the
+        # pictures of ``clusterformer explain``): the fused clustering operator computes it only then
+        self.keep_assignments = False
         self.query_selection = query_selection
         if query_init not in QUERY_INITS:
             raise ValueError(f"query_init must be one of {QUERY_INITS}, got {query_init!r}")
@@ -415,7 +422,8 @@ class ClusteringDecoder(nn.Module):
         """``features``: backbone maps at strides 4/8/16/32; ``centers (B, K_enc, center_dim)``.
 
         ``predict(state, mask_features, assignments, hw)`` is called after every layer with its normalised
-        queries (the task head), the layer's last assignment ``(B, heads, N, Q)`` and its map size, and returns the
+        queries (the task head), the layer's last assignment ``(B, heads, N, Q)`` (``None`` unless
+        ``keep_assignments``) and its map size, and returns the
         layer's prediction (a dict); with ``query_position="boxes"`` its ``boxes (B, Q, 4)`` become the next layer's
         (detached) references, and ``reference (B or 1, Q, 4)`` holds the first layer's. With ``masked_attention``
         it is also called once before the first layer (``assignments`` and ``hw`` ``None``), and each prediction's
@@ -473,7 +481,7 @@ class ClusteringDecoder(nn.Module):
                 query_pos = self.box_position(box_sine(reference, self.dim))
                 if self.query_selection:
                     query_pos = query_pos + F.pad(position, (0, 0, 0, query_pos.shape[1] - position.shape[1]))
-            assignments = [] if predict is not None else None
+            assignments = [] if predict is not None and self.keep_assignments else None
             blocked = None if masks is None else foreground_blocked(masks, sizes[level], groups)
             located = getattr(layer, "takes_references", False)
             queries = layer(
@@ -489,7 +497,8 @@ class ClusteringDecoder(nn.Module):
                     extra["affinity"] = layer.last_affinity
                 if located:
                     extra["references"] = references[-1]
-                predicted = predict(states[-1], mask_features, assignments[0], sizes[level], **extra)
+                assignment = assignments[0] if assignments else None
+                predicted = predict(states[-1], mask_features, assignment, sizes[level], **extra)
                 if boxes:
                     reference = predicted["boxes"].detach()
                 if self.masked_attention:

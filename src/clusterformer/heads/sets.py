@@ -110,6 +110,7 @@ class ClusterFormerSets(nn.Module):
         self.box_reference = box_reference
         self.backbone = backbone
         self.decoder = decoder
+        decoder.keep_assignments = box_reference == "clusters"  # the boxes of the clusters read the assignments
         self.head = head
         self.semantic_head = semantic_head
         self.denoiser = denoiser

@@ -3,6 +3,7 @@
 from .clustering import CENTER_UPDATES, M_STEPS, CenterInit, RecurrentClustering, assignment_maps, is_tracing
 from .comparators import ContextClusterUpdate, CrissCrossUpdate, CrossAttentionUpdate
 from .dispatching import DISPATCHES, FeatureDispatch
+from .fused import set_fused
 
 __all__ = [
     "CENTER_UPDATES",
@@ -16,4 +17,5 @@ __all__ = [
     "RecurrentClustering",
     "assignment_maps",
     "is_tracing",
+    "set_fused",
 ]

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import assign, em_step
+
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
 # the center updates of RecurrentClustering; "vanilla", "cosine" and "criss_cross" are the methods that Table 6c
 # compares with, each its own module (layers/comparators.py)
@@ -148,6 +150,10 @@ class RecurrentClustering(nn.Module):
     The other center updates of Table 6c (vanilla cross-attention, criss-cross attention, Context Cluster's
     cosine clustering) are the cited methods, each its own module (:mod:`clusterformer.layers.comparators`).
 
+    ``fused`` (default): each E/M step is the fused operator of :mod:`clusterformer.layers.fused` (the same numbers;
+    the ``(N, K)`` assignments are neither written per iteration nor kept for the backward pass); ``False``: the
+    products below, one ``(S, N, K)`` tensor per iteration. Traced graphs (export) take the unfused form.
+
     ``temperature`` (EM only; ``None``: ``DEFAULT_TEMPERATURE``, 0.5) divides the normalised logits. It is a
     buffer of the state dict: loading weights sets it to the value they were trained at (EM weights saved
     before it was stored read as 1). Giving one where there is no EM E-step is an error.
@@ -163,6 +169,7 @@ class RecurrentClustering(nn.Module):
         grid: tuple[int, int] = (10, 10),
         m_step: str = "mean",
         temperature: float | None = None,
+        fused: bool = True,
     ):
         super().__init__()
         if update not in RECURRENT_UPDATES:
@@ -183,6 +190,8 @@ class RecurrentClustering(nn.Module):
         self.iterations = iterations
         self.update = update
         self.m_step = m_step
+        # the fused operator (layers/fused.py): the same numbers, no (N, K) tensor stored; an attribute, not a weight
+        self.fused = fused
         # the EM reading (normalised E-step, weighted-mean M-step) applies to the updates over the clusters
         self.em = m_step == "mean" and update in OVER_CLUSTERS
         if temperature is not None and not self.em:
@@ -249,6 +258,7 @@ class RecurrentClustering(nn.Module):
         hw: tuple[int, int],
         blocked: torch.Tensor | None = None,
         groups: Sequence[int] | None = None,
+        need_assignments: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run ``iterations`` E/M steps.
 
@@ -260,24 +270,38 @@ class RecurrentClustering(nn.Module):
                 masked attention); every token must stay open to at least one cluster of each group.
             groups: sizes of consecutive groups of clusters that split the tokens each on their own (the E-step's
                 softmax runs within each group; default one group): the decoder's denoising queries.
+            need_assignments: whether the last assignment is returned (the fused path computes it only then: one
+                more E-step).
 
         Returns:
             the updated centers ``(S, d, K)`` and the last assignment ``(S, N, K)`` (``None`` when
-            the centers are not updated).
+            the centers are not updated or it is not needed).
         """
         if self.update == "none":
             return centers, None
+        fused = self.fused and not is_tracing()
         if self.em:
-            return self._em(centers, keys, values, blocked, groups)
+            return self._em(centers, keys, values, blocked, groups, fused=fused, need_assignments=need_assignments)
         # the 1/sqrt(d) of scaled dot-product attention, folded into the (shared) query projection
         q_weight = (self.q.weight * self.scale).expand(centers.shape[0], -1, -1)
         q_bias = (self.q.bias * self.scale)[:, None]
         assignments = None
         for _ in range(self.iterations):
             queries = torch.baddbmm(q_bias, q_weight, centers)  # (S, d, K), same weights every time
+            if fused:  # M-step: C <- C + M V, the assignment never stored
+                summed, _ = em_step(queries.transpose(1, 2), keys, values.transpose(1, 2), blocked, groups, self._kind)
+                centers = centers + summed.transpose(1, 2).to(centers.dtype)
+                continue
             assignments = self.assign(queries, keys, blocked, groups)  # E-step
             centers = torch.baddbmm(centers, values, assignments)  # M-step: C <- C + M V
+        if fused and need_assignments:
+            assignments = self.assign(queries, keys, blocked, groups)
         return centers, assignments
+
+    @property
+    def _kind(self) -> str:
+        """The fused operator's assignment: softmax (``recurrent``) or one-hot argmax (``kmeans``)."""
+        return "softmax" if self.update == "recurrent" else "argmax"
 
     def _em(
         self,
@@ -287,7 +311,9 @@ class RecurrentClustering(nn.Module):
         blocked: torch.Tensor | None = None,
         groups: Sequence[int] | None = None,
         eps: float = 1e-6,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused: bool = False,
+        need_assignments: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``m_step="mean"``: E-step on layer-normalised queries and keys; M-step = weighted mean of the values (a
         cluster that receives no mass keeps its center: ``eps`` of it is mixed in). Inside, the centers are kept
         as ``(S, K, d)``, so that the projection and the norms run along the contiguous channel axis; ``bmm``
@@ -302,10 +328,16 @@ class RecurrentClustering(nn.Module):
         assignments = None
         for _ in range(self.iterations):
             queries = F.layer_norm(self.q(centers), (d,), gain, shift)  # (S, K, d)
+            if fused:  # the same step, the assignment never stored
+                summed, mass = em_step(queries, keys, values, blocked, groups, self._kind)
+                centers = (centers * eps + summed) / (mass.unsqueeze(-1) + eps)
+                continue
             assignments = self.assign(queries.transpose(1, 2), keys, blocked, groups)  # E-step, (S, N, K)
             mass = assignments.sum(dim=1).unsqueeze(-1)  # (S, K, 1)
             summed = torch.baddbmm(centers, assignments.transpose(1, 2), values, beta=eps)  # eps C + M^T V
             centers = summed / (mass + eps)  # M-step
+        if fused and need_assignments:
+            assignments = self.assign(queries.transpose(1, 2), keys, blocked, groups)
         return centers.transpose(1, 2), assignments
 
     def assign(
@@ -317,15 +349,8 @@ class RecurrentClustering(nn.Module):
     ) -> torch.Tensor:
         """E-step: queries ``(S, d, K)`` (already scaled by ``1/sqrt(d)``) and keys ``(S, N, d)`` ->
         assignment ``(S, N, K)``; ``blocked`` and ``groups`` as in ``forward``."""
-        logits = torch.bmm(keys, queries)  # (S, N, K)
-        if blocked is not None:
-            logits = logits.masked_fill(blocked, float("-inf"))
-        parts = [logits] if groups is None else logits.split(list(groups), dim=-1)
-        if self.update == "recurrent":
-            assigned = [part.softmax(dim=-1) for part in parts]  # over the clusters: each token's row sums to 1
-        else:  # kmeans
-            assigned = [torch.zeros_like(part).scatter_(-1, part.argmax(dim=-1, keepdim=True), 1.0) for part in parts]
-        return assigned[0] if len(assigned) == 1 else torch.cat(assigned, dim=-1)
+        # softmax over the clusters (each token's row sums to 1), or the one-hot argmax of k-means
+        return assign(torch.bmm(keys, queries), blocked, groups, self._kind)  # (S, N, K)
 
 
 def assignment_maps(assignments: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:

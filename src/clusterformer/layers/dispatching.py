@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clustering import unit
+from .clustering import is_tracing, unit
+from .fused import dispatch
 
 DISPATCHES = ("ours", "none", "fc", "fc_similarity", "confidence")
 NEEDS_ASSIGNMENTS = ("fc", "confidence")
@@ -46,16 +47,25 @@ class FeatureDispatch(nn.Module):
         hard: top-1 mask for ``ours``.
         update_similarity: ``fc_similarity`` reads the similarity that the center update passes as its
             assignment instead of computing one (no scale and shift of its own).
+        fused: ``ours`` through the fused operator (:func:`clusterformer.layers.fused.dispatch`: the same numbers,
+            the ``(N, K)`` weights neither stored nor kept for the backward pass); the other modes are unfused.
     """
 
     def __init__(
-        self, center_dim: int, dim: int, mode: str = "ours", hard: bool = False, update_similarity: bool = False
+        self,
+        center_dim: int,
+        dim: int,
+        mode: str = "ours",
+        hard: bool = False,
+        update_similarity: bool = False,
+        fused: bool = True,
     ):
         super().__init__()
         if mode not in DISPATCHES:
             raise ValueError(f"dispatching must be one of {DISPATCHES}, got {mode!r}")
         self.mode = mode
         self.hard = hard
+        self.fused = fused
         self.update_similarity = update_similarity and mode == "fc_similarity"
         if mode == "ours" or (mode == "fc_similarity" and not self.update_similarity):
             self.sim_alpha = nn.Parameter(torch.ones(1))
@@ -74,6 +84,10 @@ class FeatureDispatch(nn.Module):
         and the last E-step's assignment ``(S, N, K)``."""
         if self.mode == "none":
             raise RuntimeError("dispatching 'none' sends nothing to the tokens")
+        if self.mode == "ours" and self.fused and not is_tracing():
+            scaled = (centers / centers.shape[-1]).transpose(1, 2)  # the 1/K of Eq. 6
+            unit_centers, unit_values = unit(centers, 1).transpose(1, 2), unit(values, 1).transpose(1, 2)
+            return dispatch(unit_values, unit_centers, self.sim_alpha, self.sim_beta, scaled, self.hard)
         if self.mode == "ours":
             weights = self.similarity(centers, values)
             if self.hard:
