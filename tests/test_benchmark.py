@@ -10,6 +10,7 @@ import torch
 from clusterformer.cli import main
 from clusterformer.commands.benchmark import (
     PEERS,
+    SEED_MODELS,
     build,
     count_gmacs,
     dense_task,
@@ -143,6 +144,42 @@ def test_dense_names_and_peers():
     assert PEERS["clusterformer_small_instance"] == "mask2former_swin_small"
 
 
+SEED_NAMES = {  # the seed decoders on the nano panoptic model: decoder layer, pixel path, queries (their COCO configs)
+    "kmax_nano_panoptic": ("KMaXDecoderLayer", "PixelDecoder", 128),
+    "cmt_nano_panoptic": ("CMTDecoderLayer", "PixelDecoder", 128),
+    "hcformer_nano_panoptic": ("ClusteringDecoderLayer", "HCFormerPixelPath", 100),
+}
+
+
+@pytest.mark.parametrize("name", list(SEED_NAMES))
+def test_seed_decoder_names_build_the_panoptic_model_with_their_configs_decoder(name):
+    layer, path, queries = SEED_NAMES[name]
+    model = build(name).eval()
+    decoder = model.decoder
+    assert (type(decoder.layers[0]).__name__, type(decoder.pixel_decoder).__name__) == (layer, path)
+    assert decoder.num_queries == queries and len(decoder.layers) == (8 if name.startswith("hcformer") else 6)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert out["logits"].shape == (1, queries, 133) and out["masks"].shape == (1, queries, 16, 24)
+    assert dense_task(name) == "panoptic" and dense_task(f"{name}@compile") == "panoptic"
+    assert PEERS[name] == "clusterformer_nano_panoptic"  # the same model with ClusterFormer's decoder
+
+
+def test_seed_decoders_are_measured_in_one_run_against_clusterformers_decoder():
+    models = ("clusterformer_nano_panoptic", *SEED_NAMES)
+    report = run_benchmark(models=models, batch=1, img_size=64, rounds=1, warmup=0, iters=1, progress=False)
+    results = {result["model"]: result for result in report["results"]}
+    assert list(results) == list(models)
+    clusterformer = results["clusterformer_nano_panoptic"]
+    for name in SEED_NAMES:
+        result = results[name]
+        check_summary(result, report["raw"][name], batch=1)
+        assert result["params_m"] > 3 and result["gmacs"] > 0 and result["infer_img_s"] > 0
+        assert result["infer_vs_peer"] == pytest.approx(result["infer_img_s"] / clusterformer["infer_img_s"])
+    table = markdown_table(report)
+    assert all(f"| {name} |" in table for name in models)
+
+
 def test_image_sizes_parse_square_and_height_by_width():
     assert parse_img_size("512") == 512
     assert parse_img_size("800x1216") == (800, 1216)
@@ -231,6 +268,11 @@ def test_cli_dense_runs_one_table_per_size(tmp_path, capsys, monkeypatch):
         "mask2former_swin_tiny",
         "clusterformer_tiny_panoptic",
     )
+    calls.clear()
+    assert main(["benchmark", "--task", "dense", "--models", "seeds", "--img-size", "64"]) == 0  # the four decoders
+    assert calls == [(SEED_MODELS, 1, 64, True)]
+    assert SEED_MODELS == ("clusterformer_tiny_panoptic", "kmax_tiny_panoptic", "cmt_tiny_panoptic",
+                           "hcformer_tiny_panoptic", "mask2former_swin_tiny_panoptic")  # fmt: skip
 
 
 @pytest.mark.parametrize(

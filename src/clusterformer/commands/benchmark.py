@@ -9,6 +9,11 @@ Model names (``build``):
 * timm classification models, ClusterFormer's included (``clusterformer_tiny``, ``swin_tiny_patch4_window7_224``);
 * ClusterFormer dense models ``clusterformer_{nano,tiny,small}_{detection,instance,panoptic}``
   (``heads.sets.build_set_model``, COCO class counts, 100 queries);
+* the clustering decoders ClusterFormer builds on, on the same panoptic model (``docs/heads.md``):
+  ``{kmax,cmt,hcformer}_{nano,tiny,small}_panoptic``, the ClusterFormer backbone with the decoder settings of
+  ``configs/panoptic/{kmax,cmt,hcformer}_tiny_coco_panoptic.yaml`` (their papers' query and layer counts), 133
+  classes; their peer is ``clusterformer_{size}_panoptic``; ``--models seeds`` names the four ClusterFormer-T
+  decoders and Mask2Former (:data:`SEED_MODELS`);
 * their peers from the ``transformers`` package, random weights, nothing downloaded:
   ``mask2former_swin_{tiny,small}`` (80 classes; ``_panoptic`` appended: 133) and ``detr_swin_{tiny,small}``.
 
@@ -56,6 +61,16 @@ DENSE_MODELS = (
     "clusterformer_tiny_panoptic",
 )
 DENSE_SIZES = ((512, 512), (800, 1216))
+# the clustering decoders ClusterFormer builds on (kMaX-DeepLab, CMT-DeepLab, HCFormer), each the panoptic model with
+# the decoder of its COCO config (``_seed_decoder``)
+SEED_SYSTEMS = ("kmax", "cmt", "hcformer")
+# ``--models seeds``: the four clustering decoders on ClusterFormer-T, panoptic, and Mask2Former Swin-T (133 classes)
+SEED_MODELS = (
+    "clusterformer_tiny_panoptic",
+    *(f"{system}_tiny_panoptic" for system in SEED_SYSTEMS),
+    "mask2former_swin_tiny_panoptic",
+)
+MODEL_SETS = {"seeds": SEED_MODELS}
 # detection -> DETR, instance and panoptic -> Mask2Former (one Mask2Former measured for both: the
 # 133-class peer differs from the 80-class one only by 53 rows of its class layer)
 PEERS = {
@@ -67,11 +82,18 @@ PEERS = {
         for size, peer_size in (("nano", "tiny"), ("tiny", "tiny"), ("small", "small"))
         for task in DENSE_TASKS
     },
+    # a seed decoder against ClusterFormer's own decoder on the same backbone
+    **{
+        f"{system}_{size}_panoptic": f"clusterformer_{size}_panoptic"
+        for system in SEED_SYSTEMS
+        for size in ("nano", "tiny", "small")
+    },
 }
 BENCH_EXTRA = "pip install clusterformer[bench]"
 COCO_CLASSES = {"detection": 80, "instance": 80, "panoptic": 133}
 
 _CLUSTERFORMER_DENSE = re.compile(r"(clusterformer_(?:nano|tiny|small))_(detection|instance|panoptic)")
+_SEED_DENSE = re.compile(rf"({'|'.join(SEED_SYSTEMS)})_(nano|tiny|small)_panoptic")
 _TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin_(tiny|small)(_panoptic)?)")
 _SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
 
@@ -161,6 +183,8 @@ def dense_task(name: str) -> str | None:
     name = split_runtime(name)[0]
     if match := _CLUSTERFORMER_DENSE.fullmatch(name):
         return match[2]
+    if _SEED_DENSE.fullmatch(name):
+        return "panoptic"
     if match := _TRANSFORMERS_PEER.fullmatch(name):
         return "detection" if match[1] else ("panoptic" if match[5] else "instance")
     return None
@@ -208,6 +232,22 @@ def _build_transformers_peer(match: re.Match, **config_kwargs) -> torch.nn.Modul
     return transformers.Mask2FormerForUniversalSegmentation(config)
 
 
+def expand_model_sets(names) -> list[str]:
+    """``names`` with every set name of :data:`MODEL_SETS` (``seeds``) replaced by its models."""
+    return [model for name in names for model in MODEL_SETS.get(name, (name,))]
+
+
+def _seed_decoder(system: str) -> dict:
+    """The ``decoder`` settings of ``configs/panoptic/<system>_tiny_coco_panoptic.yaml`` (shipped with the package):
+    the seed system's decoder at its paper's query and layer counts."""
+    from importlib import resources
+
+    import yaml
+
+    path = resources.files("clusterformer").joinpath("configs", "panoptic", f"{system}_tiny_coco_panoptic.yaml")
+    return dict(yaml.safe_load(path.read_text())["model"]["init_args"]["decoder"])
+
+
 def build(name: str, **model_kwargs) -> torch.nn.Module:
     """The model called ``name`` (see the module docstring), random weights; ``model_kwargs`` go to
     ``timm.create_model``, ``build_set_model`` or the transformers config."""
@@ -222,6 +262,12 @@ def build(name: str, **model_kwargs) -> torch.nn.Module:
             semantic_head=task == "panoptic",
         )  # fmt: skip
         return build_set_model(backbone, **{**set_kwargs, **model_kwargs})
+    if match := _SEED_DENSE.fullmatch(name):
+        from ..heads.sets import build_set_model
+
+        system, size = match.groups()
+        set_kwargs = dict(num_classes=COCO_CLASSES["panoptic"], boxes=False, masks=True, semantic_head=True)
+        return build_set_model(f"clusterformer_{size}", **{**set_kwargs, **_seed_decoder(system), **model_kwargs})
     if match := _TRANSFORMERS_PEER.fullmatch(name):
         return _build_transformers_peer(match, **model_kwargs)
     import timm
@@ -518,8 +564,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--models",
         nargs="+",
         help="model names: timm names, clusterformer_{nano,tiny,small}_{detection,instance,panoptic}, "
-        "mask2former_swin_{tiny,small}, detr_swin_{tiny,small}; NAME@compile or NAME@onnxruntime for another "
-        "runtime, compared with NAME (default: the --task set)",
+        "{kmax,cmt,hcformer}_{nano,tiny,small}_panoptic (the seed decoders on the ClusterFormer panoptic model, "
+        "as configs/panoptic/*_tiny_coco_panoptic.yaml; compared with clusterformer_SIZE_panoptic), "
+        "mask2former_swin_{tiny,small}[_panoptic], detr_swin_{tiny,small}; NAME@compile or NAME@onnxruntime for "
+        "another runtime, compared with NAME; 'seeds' for " + " ".join(SEED_MODELS) + " (default: the --task set)",
     )
     parser.add_argument(
         "--onnx",
@@ -625,6 +673,8 @@ def _run_convergence(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.task == "convergence":
         return _run_convergence(args)
+    if args.models:
+        args.models = expand_model_sets(args.models)
     try:
         for name in args.models or ():
             split_runtime(name)
