@@ -253,7 +253,7 @@ class ClusterBlock(nn.Module):
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
         # backward pass concatenates the chunk gradients once. A traced graph takes one chunk (the number of
         # chunks depends on the input size). The fused operator works in blocks of its own: one call.
-        if is_tracing() or self._fused(dispatching):
+        if is_tracing() or x.is_cuda or self._fused(dispatching):
             parts = [(centers0, keys, values)]
         else:
             step = max(1, self.chunk_elements // (n * k))
