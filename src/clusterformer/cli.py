@@ -100,9 +100,14 @@ def resumed_checkpoint(trainer, ckpt_path: str) -> Path | None:
     return path.resolve() if path.is_file() else None
 
 
+# task settings that change how the network runs, not what it is: a run may resume with other values
+RUNTIME_SETTINGS = ("compile",)
+
+
 def refuse_changed_settings(requested: dict, path: Path) -> None:
     """A :class:`RunExistsError` when the task settings of the command (``requested``: the config's and the
-    command line's ``model.init_args``) differ from those the checkpoint at ``path`` was trained with. Lightning
+    command line's ``model.init_args``; not :data:`RUNTIME_SETTINGS`, ``compile``) differ from those the checkpoint
+    at ``path`` was trained with. Lightning
     would build the model with the checkpoint's settings from a checkpoint file, ignoring the command's, and
     with the command's for ``--ckpt_path last`` while restoring the checkpoint's optimizer and schedule, so the
     new checkpoints would record settings that were not used."""
@@ -117,7 +122,9 @@ def refuse_changed_settings(requested: dict, path: Path) -> None:
     changed = [
         f"{key} {json_safe(stored[key])!r} -> {json_safe(requested[key])!r}"
         for key in sorted(set(stored) & set(requested), key=str)
-        if not str(key).startswith("_") and json_safe(stored[key]) != json_safe(requested[key])
+        if not str(key).startswith("_")
+        and key not in RUNTIME_SETTINGS
+        and json_safe(stored[key]) != json_safe(requested[key])
     ]
     if changed:
         raise RunExistsError(
@@ -213,6 +220,11 @@ def _clusterformer_cli():
 
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
+            # a checkpoint file's settings replaced the command's (LightningCLI); the runtime ones are the command's
+            init_args = getattr(config.get("model"), "init_args", None)
+            for key in RUNTIME_SETTINGS:
+                if init_args is not None and key in self.requested_settings:
+                    setattr(init_args, key, self.requested_settings[key])
             if config.get("run_dir"):
                 from .commands.ablate import redirect_outputs
 

@@ -22,6 +22,11 @@ by ``clusterformer.commands.export``, run by onnxruntime's CPU provider with as 
 network's inference; their peer is ``NAME`` in PyTorch eager mode (``clusterformer benchmark --onnx``).
 
 Dense models and runtime variants are measured for inference only.
+
+Precision: ``--precision fp32`` (the default on the CPU) or ``bf16`` (``torch.autocast`` with bfloat16 around the
+inference pass and the training step's forward; the default on CUDA). On the CPU the report records whether the
+processor computes bf16 natively (AMX, AVX512-BF16: ``reduced_precision.bf16_support``); ``--accuracy CKPT``
+measures what bf16 costs a classification checkpoint in top-1 instead of timing anything.
 """
 
 from __future__ import annotations
@@ -417,6 +422,20 @@ def _measure(
     return Measurement(seconds, max(peak, 0.0), cpu_seconds)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(device: str, precision: str | None = None, amp: bool | None = None) -> str:
+    """``"fp32"`` or ``"bf16"``: ``precision`` if given, else the older ``amp`` switch (``True``: bf16), else bf16
+    on CUDA and fp32 on the CPU. A ``precision`` and an ``amp`` that disagree are a ``ValueError``."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    from_amp = None if amp is None else ("bf16" if amp else "fp32")
+    if precision is not None and from_amp is not None and precision != from_amp:
+        raise ValueError(f"--precision {precision} and --{'' if amp else 'no-'}amp disagree; pass --precision alone")
+    return precision or from_amp or ("bf16" if device == "cuda" else "fp32")
+
+
 def run_benchmark(
     models=DEFAULT_MODELS,
     batch: int = 8,
@@ -429,17 +448,24 @@ def run_benchmark(
     train: bool = True,
     progress: bool = True,
     peers: dict[str, str] | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Measure every model, interleaved over ``rounds``; returns a JSON-serialisable report.
 
     ``img_size`` is a side or ``(height, width)``. ``train`` adds the training step of the
     classification models; dense models and runtime variants are measured for inference only. A runtime
     variant's peer is its eager model (``NAME@compile`` -> ``NAME``). The warm-up iterations take
-    ``torch.compile``'s compilation; an ``@onnxruntime`` model is exported once per run, outside the timing."""
+    ``torch.compile``'s compilation; an ``@onnxruntime`` model is exported once per run, outside the timing.
+    ``precision``: ``"fp32"`` or ``"bf16"`` (autocast; default: bf16 on CUDA, fp32 on the CPU); ``amp``, the
+    older switch, is the same as ``precision="bf16"`` (``True``) or ``"fp32"`` (``False``). On the CPU the report's
+    ``cpu_bf16`` says whether the processor computes bf16 natively (``reduced_precision.bf16_support``)."""
     from tqdm import tqdm
 
+    from ..reduced_precision import bf16_support
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    amp = (device == "cuda") if amp is None else amp
+    precision = resolve_precision(device, precision, amp)
+    amp = precision == "bf16"
     results = {}
     for name in models:
         params, gmacs = count_gmacs(name, img_size)
@@ -468,6 +494,8 @@ def run_benchmark(
         machine=machine_description(device),
         device=device,
         dtype="bf16 autocast" if amp else "fp32",
+        precision=precision,
+        cpu_bf16=bf16_support().as_dict() if device == "cpu" else None,
         torch=torch.__version__,
         batch=batch,
         img_size=img_size,
@@ -478,17 +506,20 @@ def run_benchmark(
     )
 
 
-def profile_model(name: str, mode: str = "infer", batch: int = 8, img_size: ImageSize = 224, rows: int = 12) -> str:
+def profile_model(
+    name: str, mode: str = "infer", batch: int = 8, img_size: ImageSize = 224, rows: int = 12, amp: bool = False
+) -> str:
     """Where the time of one inference pass or one training step goes, by operator
-    (``torch.profiler``, CPU self time), after one warm-up iteration."""
+    (``torch.profiler``, CPU self time), after one warm-up iteration; ``amp``: under bf16 autocast."""
     from torch.profiler import ProfilerActivity, profile
 
-    run = workload(name, mode, batch, img_size)
+    run = workload(name, mode, batch, img_size, amp=amp)
     run()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=36)
-    return f"{name} ({mode}, batch {batch}, {_size_text(img_size)})\n{table}"
+    dtype = ", bf16 autocast" if amp else ""
+    return f"{name} ({mode}, batch {batch}, {_size_text(img_size)}{dtype})\n{table}"
 
 
 def markdown_table(report: dict) -> str:
@@ -499,9 +530,11 @@ def markdown_table(report: dict) -> str:
     with_train = any(s["train_img_s"] is not None for s in report["results"])
     header = ["model", "params (M)", "GMACs", "infer img/s", "vs peer", "best infer img/s", "vs peer"]
     header += ["train img/s", "vs peer", "infer peak MiB", "train peak MiB"] if with_train else ["infer peak MiB"]
+    # older reports have no cpu_bf16
+    fast_path = f"; bf16 fast path: {report['cpu_bf16']['text']}" if report.get("cpu_bf16") else ""
     lines = [
-        f"Machine: {report['machine']}; torch {report['torch']}; {report['dtype']}; batch {report['batch']}, "
-        f"{_size_text(report['img_size'])}; median of {report['rounds']} interleaved rounds x "
+        f"Machine: {report['machine']}{fast_path}; torch {report['torch']}; {report['dtype']}; batch "
+        f"{report['batch']}, {_size_text(report['img_size'])}; median of {report['rounds']} interleaved rounds x "
         f"{report['iters']} iterations; best: the fastest iteration.",
         "",
         "| " + " | ".join(header) + " |",
@@ -542,7 +575,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure ClusterFormer and its peers in one run: parameters, GMACs per image "
         "(torch.utils.flop_counter, FLOPs/2), inference and training-step (forward + backward + AdamW) images/s "
         "and peak memory. Models are interleaved over several rounds, each measurement in a fresh process. "
-        "CPU runs in fp32; CUDA runs with bf16 autocast. --task classification (default): ClusterFormer-T/S next "
+        "CPU runs in fp32 and CUDA runs with bf16 autocast unless --precision says otherwise; a CPU run says whether "
+        "the processor has a bf16 fast path (AMX, AVX512-BF16). --accuracy CKPT: instead of timing, the top-1 of a "
+        "classification checkpoint in fp32 and under bf16 autocast and the largest logit difference. "
+        "--task classification (default): ClusterFormer-T/S next "
         "to timm's Swin-T/S, batch 8, 224x224. --task dense: the detection, instance and panoptic models of "
         "ClusterFormer-T next to DETR and Mask2Former with a Swin-T backbone (transformers, random weights; "
         "pip install clusterformer[bench]), inference only, batch 1, one table for 512x512 and one for 800x1216. "
@@ -589,7 +625,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available")
     parser.add_argument(
-        "--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)"
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32, or bf16: torch.autocast with bfloat16 around the inference pass and the training step's forward "
+        "(default: bf16 on CUDA, fp32 on the CPU; on a CPU without AMX or AVX512-BF16, bf16 is emulated and slower). "
+        "With --accuracy: the precision compared with fp32 (default bf16)",
+    )
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="older spelling of --precision bf16 (--amp) and --precision fp32 (--no-amp)",
     )
     parser.add_argument(
         "--no-train", action="store_true", help="skip the training-step measurement (dense models never have one)"
@@ -607,6 +653,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", help="write the full report (all timings) to this JSON file")
     parser.add_argument("--markdown", help="write the table to this markdown file")
+    accuracy = parser.add_argument_group("accuracy", "options of --accuracy")
+    accuracy.add_argument(
+        "--accuracy",
+        metavar="CKPT",
+        help="instead of timing: run this classification checkpoint over a validation folder in fp32 and under "
+        "--precision autocast (default bf16; --device, default cpu) and print both top-1 accuracies, how often the "
+        "top classes agree and the largest logit difference (the table; --json: the report)",
+    )
+    accuracy.add_argument(
+        "--data",
+        metavar="DIR",
+        help="with --accuracy: the folder of images, one sub-folder per class (default: the validation folder the "
+        "checkpoint was trained with); with --task convergence: a shapes folder made by 'clusterformer make-shapes' to "
+        "use (default: generate OUT/data)",
+    )
+    accuracy.add_argument("--limit", type=int, help="with --accuracy: the first N images only")
     convergence = parser.add_argument_group("convergence", "options of --task convergence")
     convergence.add_argument("--out", default="runs/convergence", help="output folder (default: runs/convergence)")
     convergence.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the batches")
@@ -614,9 +676,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     convergence.add_argument(
         "--eval-every", type=int, help="evaluate both models every this many steps (default: 100; --quick: 50)"
     )
-    convergence.add_argument(
-        "--data", help="a shapes folder made by 'clusterformer make-shapes' to use (default: generate OUT/data)"
-    )
+    # --data: in the accuracy group above
     convergence.add_argument(
         "--encoder",
         help="a classification checkpoint (e.g. the demo's classification/checkpoints/last.ckpt) whose encoder "
@@ -670,7 +730,37 @@ def _run_convergence(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_accuracy(args: argparse.Namespace) -> int:
+    """``--accuracy CKPT``: :func:`clusterformer.reduced_precision.compare_precision`, printed as a table."""
+    from ..progress import on_terminal
+    from ..reduced_precision import compare_precision, precision_table
+    from ..weights import CheckpointError
+
+    precision = args.precision or ("bf16" if args.amp in (None, True) else "fp32")
+    if precision == "fp32":
+        print("clusterformer benchmark: error: --accuracy compares fp32 with --precision bf16", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"clusterformer benchmark: error: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+        return 2
+    try:
+        report = compare_precision(
+            args.accuracy, args.data, precision, device=args.device or "cpu", batch_size=args.batch_size or 64,
+            limit=args.limit, progress=on_terminal(sys.stderr),
+        )  # fmt: skip
+    except (CheckpointError, ValueError, OSError) as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    print(precision_table(report))
+    if args.json:
+        save(report, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.accuracy:
+        return _run_accuracy(args)
     if args.task == "convergence":
         return _run_convergence(args)
     if args.models:
@@ -690,6 +780,15 @@ def run(args: argparse.Namespace) -> int:
         models = with_runtimes(args.models or ["clusterformer_tiny"])
     sizes = args.img_size or (list(DENSE_SIZES[:1] if args.quick else DENSE_SIZES) if dense else [224])
     batch = args.batch_size or (1 if dense else 8)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        precision = resolve_precision(device, args.precision, args.amp)
+    except ValueError as error:
+        print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
+        return 2
+    if precision != "fp32" and any(split_runtime(name)[1] == "onnxruntime" for name in models):
+        print("clusterformer benchmark: error: onnxruntime is measured in fp32 (--precision fp32)", file=sys.stderr)
+        return 2
     try:
         require_transformers(models)
         if any(split_runtime(name)[1] == "onnxruntime" for name in models):
@@ -699,13 +798,18 @@ def run(args: argparse.Namespace) -> int:
             error = "onnxruntime is not installed: pip install 'clusterformer[export]'"
         print(f"clusterformer benchmark: error: {error}", file=sys.stderr)
         return 2
-    if args.profile:
+    if args.profile:  # on the CPU: fp32 unless --precision bf16
+        profiled = resolve_precision("cpu", args.precision, args.amp)
         for size in sizes:
             for name in models:
                 for mode in ("infer",) if dense_task(name) or "@" in name else ("infer", "train"):
-                    print(profile_model(name, mode, batch, size))
+                    print(profile_model(name, mode, batch, size, amp=profiled == "bf16"))
         return 0
     rounds, iters = (1, 3) if args.quick else (args.rounds, args.iters)
+    if device == "cpu":
+        from ..reduced_precision import cpu_line
+
+        print(cpu_line() + f"; measuring in {precision}\n", flush=True)
     reports = []
     for size in sizes:  # one interleaved run and one table per size
         report = run_benchmark(
@@ -715,8 +819,8 @@ def run(args: argparse.Namespace) -> int:
             rounds=rounds,
             warmup=args.warmup,
             iters=iters,
-            device=args.device,
-            amp=args.amp,
+            device=device,
+            precision=precision,
             train=not (args.no_train or args.onnx),
         )
         reports.append(report)

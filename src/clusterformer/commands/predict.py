@@ -350,7 +350,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument(
         "--precision", choices=tuple(PRECISIONS), default="fp32",
-        help="fp32 (default), or bf16 / fp16: the forward pass under autocast on --device",
+        help="fp32 (default), or bf16 / fp16: the forward pass under autocast on --device (on a CPU, bf16 runs in "
+        "hardware only with AMX or AVX512-BF16: 'clusterformer benchmark' prints whether this one has either)",
     )  # fmt: skip
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
     parser.add_argument("--top-k", type=int, default=5, help="classification: classes listed per image (default 5)")

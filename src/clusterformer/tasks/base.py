@@ -6,9 +6,10 @@ from the subclass's ``build_model``, ``build_criterion`` and ``build_metrics``; 
 against the model (``check_data``: its number of classes) and builds the metrics again with it (the COCO
 categories, the annotation file of the evaluation); AdamW over the subclass's ``param_groups`` with its per-step
 ``lr_schedule``; the checkpoint extras (RNG states, the task name, the class names, the last validation metrics);
-``save_pretrained`` / ``from_pretrained`` (Hugging Face-style folders, ``clusterformer.hub``). The checks of the
-settings (``check_task_settings``, ``check_loader_settings``, ``check_model_name``) and of the data
-(``check_num_classes``) raise :class:`~clusterformer.errors.SettingError`.
+``save_pretrained`` / ``from_pretrained`` (Hugging Face-style folders, ``clusterformer.hub``); the ``compile``
+setting of every task (``compile_options``: ``torch.compile`` of the network when training starts). The checks of
+the settings (``check_task_settings``, ``check_loader_settings``, ``check_model_name``, ``compile_options``) and of
+the data (``check_num_classes``) raise :class:`~clusterformer.errors.SettingError`.
 
 For the dense tasks (detection / instance, semantic, panoptic): ``DenseData``, the data loaders (shuffled,
 ``drop_last`` training batches; the subclass gives the dataset and the collate function); ``DenseTask``, the
@@ -54,6 +55,34 @@ def check_model_name(key: str, name: str) -> None:
         close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.8)
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see timm.list_models()"
         raise SettingError(key, f"no model named {name!r}{hint}", "model")
+
+
+# the keyword arguments of torch.compile that a task's ``compile`` setting may give
+COMPILE_KEYS = ("backend", "mode", "fullgraph", "dynamic", "options")
+
+
+def compile_options(value) -> dict | None:
+    """The keyword arguments of ``torch.compile`` that a task's ``compile`` setting asks for: ``None`` (off) for
+    ``False`` or ``None``; ``{}`` (``torch.compile``'s defaults: inductor) for ``True``; for a mapping, its entries,
+    whose keys are among :data:`COMPILE_KEYS` (``{backend: aot_eager}``, ``{mode: max-autotune}``, ...). Anything
+    else, or another key, is a :class:`SettingError` of the model's section."""
+    from collections.abc import Mapping
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SettingError(
+            "compile", f"must be true, false or a dict of torch.compile's options, got {value!r}", "model"
+        )  # fmt: skip
+    unknown = [str(key) for key in value if key not in COMPILE_KEYS]
+    if unknown:
+        raise SettingError(
+            "compile", f"unknown option {', '.join(map(repr, unknown))}; the options are {', '.join(COMPILE_KEYS)}",
+            "model",
+        )  # fmt: skip
+    return dict(value)
 
 
 def check_loader_settings(batch_size: int, num_workers: int) -> None:
@@ -155,7 +184,8 @@ class BaseTask(L.LightningModule, ABC):
 
     The subclass sets ``task_name`` (what ``weights.task_from_checkpoint`` reads back) and, for the mismatch
     error, ``class_word`` (what its dataset calls its classes); its constructor calls ``build()`` after
-    ``save_hyperparameters()``, so that the builders read ``self.hparams``.
+    ``save_hyperparameters()``, so that the builders read ``self.hparams``, and takes the ``compile`` setting
+    (checked with :func:`compile_options`; :meth:`compile_model` applies it when ``fit`` starts).
     """
 
     #: the task's name in its checkpoints (``clusterformer_task``)
@@ -205,6 +235,22 @@ class BaseTask(L.LightningModule, ABC):
         data = self._datamodule()
         self.check_data(data)
         self.metrics = self.build_metrics(data)  # before Lightning moves the task to its device
+
+    def on_fit_start(self) -> None:
+        self.compile_model()
+
+    def compile_model(self) -> bool:
+        """Compile the network (``self.model``) with ``torch.compile`` and the options of the ``compile`` setting
+        (:func:`compile_options`), unless it is off or the network is compiled already; whether it is compiled.
+        ``fit`` calls it when training starts (``on_fit_start``, before the sanity check); evaluation, prediction
+        and export run a loaded checkpoint in eager mode. The compilation is ``nn.Module.compile``, in place: the
+        task's state dict, and so its checkpoints, keep the plain module's keys (no ``_orig_mod.``)."""
+        options = compile_options(self.hparams.get("compile"))
+        if options is None:
+            return False
+        if getattr(self.model, "_compiled_call_impl", None) is None:
+            self.model.compile(**options)
+        return True
 
     # --- optimisation and checkpoints -------------------------------------------------------------
     def optimizer_options(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import timm
@@ -19,7 +20,15 @@ import clusterformer  # noqa: F401  (registers the models with timm)
 from ..data import transforms
 from ..data.folder import CheckedImageFolder
 from ..errors import DatasetError, DatasetNotFoundError
-from .base import BaseTask, check_finite, check_loader_settings, check_model_name, check_task_settings, make_loader
+from .base import (
+    BaseTask,
+    check_finite,
+    check_loader_settings,
+    check_model_name,
+    check_task_settings,
+    compile_options,
+    make_loader,
+)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -77,6 +86,9 @@ class ClassificationTask(BaseTask):
             soft (mixed, then smoothed) and the training loss is timm's ``SoftTargetCrossEntropy``.
         mix_prob: probability that a batch is mixed; ``mix_switch_prob``: probability of CutMix rather than
             Mixup when both are on; ``mix_mode``: timm's ``"batch"`` (one mix per batch), ``"pair"``, ``"elem"``.
+        compile: ``torch.compile`` the network when training starts: ``true`` (inductor), or a dict of
+            ``torch.compile``'s options (``backend``, ``mode``, ``fullgraph``, ``dynamic``, ``options``); off by
+            default. Checkpoints keep the plain module's keys (``BaseTask.compile_model``).
     """
 
     task_name = "classification"
@@ -98,9 +110,11 @@ class ClassificationTask(BaseTask):
         mix_prob: float = 1.0,
         mix_switch_prob: float = 0.5,
         mix_mode: str = "batch",
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
         check_task_settings(lr, num_classes)
+        compile_options(compile)
         check_model_name("model", model)
         self.save_hyperparameters()
         self.build()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,14 @@ from ..errors import SettingError
 from ..heads import build_set_model, panoptic_postprocess
 from ..losses import PanopticLossSettings, panoptic_criterion
 from ..metrics.panoptic_eval import PanopticEvaluator
-from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
+from .base import (
+    DenseData,
+    DenseTask,
+    check_loader_settings,
+    check_model_name,
+    check_task_settings,
+    compile_options,
+)
 from .semantic import ImageOnly
 from .settings import DecoderSettings, as_settings
 
@@ -99,8 +107,8 @@ class PanopticTask(DenseTask):
     loss ``5 L_th + 3 L_st + 1 L_aux`` (``losses.panoptic_criterion``), mask-wise merging.
 
     Args:
-        backbone, decoder, backbone_kwargs, lr, backbone_lr_mult, weight_decay, warmup_steps, lr_milestones:
-            as ``SetTask``.
+        backbone, decoder, backbone_kwargs, lr, backbone_lr_mult, weight_decay, warmup_steps, lr_milestones,
+            compile: as ``SetTask``.
         num_classes: thing + stuff classes (COCO: 133); ``num_things``: the first ``num_things`` contiguous
             labels (categories sorted by id) are things (COCO: 80); checked against the dataset.
         loss: options of ``panoptic_criterion`` (``losses.PanopticLossSettings``), or a dict of them.
@@ -125,8 +133,10 @@ class PanopticTask(DenseTask):
         score_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         mask_threshold: float = 0.5,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
+        compile_options(compile)
         check_task_settings(lr, num_classes)
         check_model_name("backbone", backbone)
         if not 0 <= num_things <= num_classes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,14 @@ from ..data.semantic import IGNORE_INDEX, SemanticFolder
 from ..heads import build_set_model, semantic_postprocess
 from ..losses import SemanticLossSettings, semantic_criterion
 from ..metrics.semantic import SemanticConfusion
-from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
+from .base import (
+    DenseData,
+    DenseTask,
+    check_loader_settings,
+    check_model_name,
+    check_task_settings,
+    compile_options,
+)
 from .settings import DecoderSettings, as_settings
 
 
@@ -100,7 +108,7 @@ class SemanticTask(DenseTask):
     and the prediction ``argmax_c sum_q p_q(c) m_q`` (``heads.semantic_postprocess``).
 
     Args: as ``SetTask`` (``backbone``, ``num_classes``, ``decoder``, ``backbone_kwargs``, ``lr``,
-    ``backbone_lr_mult``, ``weight_decay``, ``warmup_steps``, ``lr_milestones``); the decoder's
+    ``backbone_lr_mult``, ``weight_decay``, ``warmup_steps``, ``lr_milestones``, ``compile``); the decoder's
     ``num_queries`` is the number of classes. ``loss``: options of ``semantic_criterion``
     (``losses.SemanticLossSettings``), or a dict of them.
     """
@@ -120,8 +128,10 @@ class SemanticTask(DenseTask):
         weight_decay: float = 0.05,
         warmup_steps: int = 10,
         lr_milestones: tuple[float, ...] = (0.9, 0.95),
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
+        compile_options(compile)
         check_task_settings(lr, num_classes)
         check_model_name("backbone", backbone)
         decoder_settings = replace(as_settings(DecoderSettings, decoder, "decoder"), num_queries=num_classes)

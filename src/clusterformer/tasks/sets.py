@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,14 @@ from ..errors import SettingError
 from ..heads import build_set_model, detection_postprocess, instance_postprocess
 from ..losses import SetCriterion, SetLossSettings, detection_criterion, instance_criterion, joint_criterion
 from ..metrics.coco import CocoEvaluator
-from .base import DenseData, DenseTask, check_loader_settings, check_model_name, check_task_settings
+from .base import (
+    DenseData,
+    DenseTask,
+    check_loader_settings,
+    check_model_name,
+    check_task_settings,
+    compile_options,
+)
 from .settings import DecoderSettings, as_settings
 
 TASKS = ("detection", "instance")
@@ -126,6 +134,9 @@ class SetTask(DenseTask):
         predict_boxes: for ``task="instance"``, also regress boxes (box head, L1 + GIoU losses and costs)
             and report the box head's AP as the detection result; otherwise the instance model's boxes
             are the boxes enclosing its masks. One model then does both tasks (used by the demo).
+        compile: ``torch.compile`` the network when training starts: ``true`` (inductor), or a dict of
+            ``torch.compile``'s options (``backend``, ``mode``, ``fullgraph``, ``dynamic``, ``options``); off by
+            default. Checkpoints keep the plain module's keys (``BaseTask.compile_model``).
     """
 
     def __init__(
@@ -143,8 +154,10 @@ class SetTask(DenseTask):
         lr_milestones: tuple[float, ...] = (0.9, 0.95),
         top_k: int = 100,
         predict_boxes: bool = False,
+        compile: bool | dict[str, Any] = False,
     ):
         super().__init__()
+        compile_options(compile)
         if task not in TASKS:
             raise SettingError("task", f"must be one of {', '.join(TASKS)}, got {task!r}", "model")
         check_task_settings(lr, num_classes)
