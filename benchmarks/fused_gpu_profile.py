@@ -10,7 +10,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import clusterformer  # noqa: F401
 
-for name in ("clusterformer_tiny", "swin_tiny_patch4_window7_224"):
+
+def profile_model(name: str) -> None:
     model = timm.create_model(name).cuda()
     x = torch.randn(64, 3, 224, 224, device="cuda")
     y = torch.randint(0, 1000, (64,), device="cuda")
@@ -36,7 +37,14 @@ for name in ("clusterformer_tiny", "swin_tiny_patch4_window7_224"):
             torch.cuda.synchronize()
         events = prof.key_averages()
         kernels = [e for e in events if e.device_time_total > 0 and e.device_type.name == "CUDA"]
-        print(f"== {name} {mode}: {sum(e.count for e in kernels)} kernel launches, "
-              f"GPU time {sum(e.self_device_time_total for e in kernels) / 1e3:.1f} ms, "
-              f"CPU time {sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms")
+        print(
+            f"== {name} {mode}: {sum(e.count for e in kernels)} kernel launches, "
+            f"GPU time {sum(e.self_device_time_total for e in kernels) / 1e3:.1f} ms, "
+            f"CPU time {sum(e.self_cpu_time_total for e in events) / 1e3:.1f} ms"
+        )
         print(events.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    for name in ("clusterformer_tiny", "swin_tiny_patch4_window7_224"):
+        profile_model(name)

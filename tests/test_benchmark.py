@@ -324,6 +324,24 @@ def test_runtime_workloads_compute_what_eager_computes(tmp_path):
         workload("clusterformer_nano@onnxruntime", "infer", 2, 64, amp=True)
 
 
+def test_unfused_runtime_trains_and_computes_what_the_fused_model_computes():
+    """``NAME@unfused``: the same network without the fused clustering operator; its inference and training step are
+    measured, against ``NAME``."""
+    from clusterformer.commands.benchmark import peer_of, workload
+
+    fused = workload("clusterformer_nano", "infer", 2, 64)()
+    plain = workload("clusterformer_nano@unfused", "infer", 2, 64)()
+    torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)
+    assert peer_of("clusterformer_nano@unfused") == "clusterformer_nano"
+    report = run_benchmark(
+        models=("clusterformer_nano", "clusterformer_nano@unfused"), batch=2, img_size=32, rounds=1, warmup=0,
+        iters=2, progress=False,
+    )  # fmt: skip
+    unfused = report["results"][1]
+    assert unfused["model"] == "clusterformer_nano@unfused" and unfused["train_img_s"] > 0
+    assert unfused["train_vs_peer"] == pytest.approx(unfused["train_img_s"] / report["results"][0]["train_img_s"])
+
+
 def test_cli_onnx_measures_eager_compile_and_onnxruntime(monkeypatch, capsys):
     calls = []
 

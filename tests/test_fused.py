@@ -326,3 +326,33 @@ def test_backend_setting_is_checked(monkeypatch):
     q, keys, values, _ = inputs()
     with pytest.raises(ValueError, match="CLUSTERFORMER_FUSED_BACKEND"):
         F.em_step(q, keys, values)
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_operator_benchmark_script_checks_and_times_each_path(tmp_path, monkeypatch):
+    """benchmarks/fused_operator.py (docs/benchmarks.md, "GPU"): on CPU the PyTorch blocks against the unfused
+    products, errors in fp32 at the level of rounding, a time for each path."""
+    monkeypatch.delenv("CLUSTERFORMER_FUSED_BACKEND")
+    report = _script("fused_operator").main(
+        ["--device", "cpu", "--batch", "1", "--tokens", "40", "--clusters", "6", "--heads", "2", "--head-dim", "4",
+         "--iters", "1", "--warmup", "0", "--json", str(tmp_path / "r.json")]
+    )  # fmt: skip
+    rows = {(r["op"], r["dtype"], r["path"]): r for r in report["rows"]}
+    assert set(rows) == {(op, dt, p) for op in ("em_step", "dispatch") for dt in ("float32", "bfloat16")
+                         for p in ("unfused", "torch")}  # fmt: skip
+    for op in ("em_step", "dispatch"):
+        fp32 = rows[(op, "float32", "torch")]
+        assert fp32["max_rel_error_out"] < 1e-5 and fp32["max_rel_error_grad"] < 1e-5
+        assert rows[(op, "bfloat16", "torch")]["max_rel_error_out"] < 5e-2
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert (tmp_path / "r.json").exists()

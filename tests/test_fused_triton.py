@@ -202,3 +202,29 @@ def test_without_triton_nothing_is_available(monkeypatch):
     x = torch.zeros(1, 4, 8)
     with pytest.raises(RuntimeError, match="triton cannot be imported"):
         fused_triton.em_forward(x[:, :2], x, x)
+
+
+@needs_interpreter
+def test_encoder_block_through_the_kernels_equals_the_pytorch_blocks(monkeypatch):
+    """The fused operator's autograd functions with the Triton kernels (CLUSTERFORMER_FUSED_BACKEND=triton) inside a
+    cluster block: the output and every gradient are those of its PyTorch blocks."""
+    from clusterformer.backbone import ClusterBlock
+
+    torch.manual_seed(0)
+    block = ClusterBlock(32, 2, head_dim=16, center_grid=(3, 3))
+    x = torch.randn(2, 6, 7, 32)
+    results = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("CLUSTERFORMER_FUSED_BACKEND", backend)
+        block.zero_grad()
+        leaf = x.clone().requires_grad_()
+        out = block(leaf)
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+        results.append((out.detach(), leaf.grad, grads))
+    (out_t, x_t, g_t), (out_p, x_p, g_p) = results
+    torch.testing.assert_close(out_t, out_p, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_t, x_p, rtol=1e-5, atol=1e-5)
+    assert g_t.keys() == g_p.keys()
+    for name in g_p:
+        torch.testing.assert_close(g_t[name], g_p[name], rtol=1e-4, atol=1e-5, msg=name)

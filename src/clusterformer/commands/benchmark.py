@@ -17,6 +17,9 @@ Model names (``build``):
 * their peers from the ``transformers`` package, random weights, nothing downloaded:
   ``mask2former_swin_{tiny,small}`` (80 classes; ``_panoptic`` appended: 133) and ``detr_swin_{tiny,small}``.
 
+``NAME@unfused``: a ClusterFormer model without the fused clustering operator (``layers.set_fused(model, False)``:
+the same weights and numbers, the unfused products), inference and training step; its peer is ``NAME``.
+
 Runtimes: ``NAME@compile`` (``torch.compile``, inductor) and ``NAME@onnxruntime`` (the model exported to ONNX
 by ``clusterformer.commands.export``, run by onnxruntime's CPU provider with as many threads as torch) measure the same
 network's inference; their peer is ``NAME`` in PyTorch eager mode (``clusterformer benchmark --onnx``).
@@ -49,6 +52,7 @@ from pathlib import Path
 import torch
 
 from ..data.images import ImageSize, image_hw
+from ..layers import set_fused
 
 DEFAULT_MODELS = (
     "clusterformer_tiny",
@@ -102,7 +106,9 @@ _SEED_DENSE = re.compile(rf"({'|'.join(SEED_SYSTEMS)})_(nano|tiny|small)_panopti
 _TRANSFORMERS_PEER = re.compile(r"(?:(detr)_swin_(tiny|small)|(mask2former)_swin_(tiny|small)(_panoptic)?)")
 _SWIN_DEPTHS = {"tiny": [2, 2, 6, 2], "small": [2, 2, 18, 2]}
 
-RUNTIMES = ("eager", "compile", "onnxruntime")
+RUNTIMES = ("eager", "unfused", "compile", "onnxruntime")
+# runtimes whose training step is measured too (eager PyTorch, with and without the fused clustering operator)
+TRAINED_RUNTIMES = ("eager", "unfused")
 CONVERGENCE_PAIRINGS = ("detection", "instance", "panoptic")  # clusterformer.convergence.PAIRINGS
 
 
@@ -115,7 +121,13 @@ def split_runtime(name: str) -> tuple[str, str]:
     return base, runtime
 
 
-def with_runtimes(models, runtimes=RUNTIMES) -> list[str]:
+def trains(name: str) -> bool:
+    """Whether the training step of ``name`` is measured (eager PyTorch, fused or not; not a compiled or exported
+    model)."""
+    return split_runtime(name)[1] in TRAINED_RUNTIMES
+
+
+def with_runtimes(models, runtimes=("eager", "compile", "onnxruntime")) -> list[str]:
     """Every model in every runtime, eager first: ``[m, m@compile, m@onnxruntime, ...]``."""
     return [m if r == "eager" else f"{m}@{r}" for m in models for r in runtimes]
 
@@ -350,12 +362,16 @@ def workload(
     variants ``@compile`` / ``@onnxruntime`` (see the module docstring): inference only. ``onnx_folder``
     keeps the exported ONNX file between calls (default: a new temporary folder)."""
     base, runtime = split_runtime(name)
-    if mode == "train" and (dense_task(name) or runtime != "eager"):
-        raise ValueError(f"{name}: the training step is measured for classification models in eager mode only")
+    if mode == "train" and (dense_task(name) or runtime not in TRAINED_RUNTIMES):
+        raise ValueError(
+            f"{name}: the training step is measured for classification models in eager mode only (NAME, NAME@unfused)"
+        )
     if runtime == "onnxruntime" and (device != "cpu" or amp):
         raise ValueError(f"{name}: onnxruntime is measured on the CPU in fp32 (--device cpu, no --amp)")
     torch.manual_seed(0)
     model = build(base).to(device)
+    if runtime == "unfused":
+        set_fused(model, False)
     images = torch.randn(batch, 3, *image_hw(img_size), device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=amp)
@@ -474,7 +490,7 @@ def run_benchmark(
         (r, name, mode)
         for r in range(rounds)
         for name in models
-        for mode in (["infer", "train"] if train and not dense_task(name) and "@" not in name else ["infer"])
+        for mode in (["infer", "train"] if train and not dense_task(name) and trains(name) else ["infer"])
     ]
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="clusterformer-bench-") as onnx_folder:
@@ -602,8 +618,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="model names: timm names, clusterformer_{nano,tiny,small}_{detection,instance,panoptic}, "
         "{kmax,cmt,hcformer}_{nano,tiny,small}_panoptic (the seed decoders on the ClusterFormer panoptic model, "
         "as configs/panoptic/*_tiny_coco_panoptic.yaml; compared with clusterformer_SIZE_panoptic), "
-        "mask2former_swin_{tiny,small}[_panoptic], detr_swin_{tiny,small}; NAME@compile or NAME@onnxruntime for "
-        "another runtime, compared with NAME; 'seeds' for " + " ".join(SEED_MODELS) + " (default: the --task set)",
+        "mask2former_swin_{tiny,small}[_panoptic], detr_swin_{tiny,small}; NAME@unfused (without the fused "
+        "clustering operator), NAME@compile or NAME@onnxruntime for another runtime, compared with NAME; 'seeds' for "
+        + " ".join(SEED_MODELS)
+        + " (default: the --task set)",
     )
     parser.add_argument(
         "--onnx",

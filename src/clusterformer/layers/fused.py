@@ -37,8 +37,9 @@ import torch
 
 ASSIGNMENTS = ("softmax", "argmax")
 BACKENDS = ("auto", "torch", "triton")
-# elements of one block's (slices, tokens, K) assignment: 128K floats, 512 KiB, stays in a core's L2 cache
-BLOCK_ELEMENTS = 2**17
+# elements of one block's (slices, tokens, K) assignment: 512K floats, 2 MiB, about a core's L2 cache (on the 2-core
+# Xeon of docs/benchmarks.md, 2**17 was 5% slower and 2**20 - 2**22 no faster)
+BLOCK_ELEMENTS = 2**19
 
 
 def backend() -> str:
