@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import clusterformer  # noqa: F401  (registers the models with timm)
 from clusterformer.cli import main
 from clusterformer.errors import SettingError
+from clusterformer.layers import fused as fused_ops
 from clusterformer.tasks import ClassificationTask
 from clusterformer.tasks.base import compile_options
 
@@ -33,10 +34,16 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("method", ["forward_features", "forward_dense", "forward"])
-def test_the_encoder_compiles_without_graph_breaks(mode, method):
+@pytest.mark.parametrize(
+    ("method", "fused"),
+    [("forward_features", True), ("forward_dense", True), ("forward", True), ("forward_features", False)],
+)
+def test_the_encoder_compiles_without_graph_breaks(mode, method, fused, monkeypatch):
+    """With the fused clustering operator (forced at this small size: on a CPU it otherwise runs above one block's
+    assignment, ``fused.MIN_CPU_ELEMENTS``) and without it."""
+    monkeypatch.setattr(fused_ops, "MIN_CPU_ELEMENTS", 0)
     torch.manual_seed(0)
-    model = getattr(timm.create_model("clusterformer_nano", num_classes=4), mode)()
+    model = getattr(timm.create_model("clusterformer_nano", num_classes=4, fused=fused), mode)()
     explanation = torch._dynamo.explain(getattr(model, method))(torch.randn(2, 3, 64, 64))
     reasons = [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_break_count == 0, reasons

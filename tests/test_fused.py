@@ -17,6 +17,8 @@ from clusterformer.layers import fused as F
 def torch_backend(monkeypatch):
     # the PyTorch blocks here; the Triton kernels have their own tests (test_fused_triton.py)
     monkeypatch.setenv("CLUSTERFORMER_FUSED_BACKEND", "torch")
+    # the operator at every size (on a CPU it otherwise runs above one block's assignment only)
+    monkeypatch.setattr(F, "MIN_CPU_ELEMENTS", 0)
 
 
 @pytest.fixture
@@ -356,3 +358,19 @@ def test_operator_benchmark_script_checks_and_times_each_path(tmp_path, monkeypa
         assert rows[(op, "bfloat16", "torch")]["max_rel_error_out"] < 5e-2
     assert all(r["seconds"] > 0 for r in rows.values())
     assert (tmp_path / "r.json").exists()
+
+
+def test_small_cpu_steps_take_the_unfused_products(monkeypatch):
+    """On a CPU the operator runs where one step's assignment exceeds a block (``MIN_CPU_ELEMENTS``); below, the
+    layers run the unfused products (the same numbers), whose Python costs less."""
+    monkeypatch.setattr(F, "MIN_CPU_ELEMENTS", F.BLOCK_ELEMENTS)
+    calls = []
+    real = F._EMStep.apply
+    monkeypatch.setattr(F._EMStep, "apply", lambda *a: calls.append(a[1].shape) or real(*a))
+    torch.manual_seed(0)
+    block = ClusterBlock(32, 2, head_dim=16, center_grid=(10, 10))
+    block(torch.randn(2, 8, 8, 32))  # S N K = 4 x 64 x 100: one block
+    assert calls == []
+    block(torch.randn(2, 48, 48, 32))  # 4 x 2304 x 100 = 921600 > 2**19
+    assert len(calls) == 3 and calls[0] == (4, 48 * 48, 16)
+    assert F.worth_fusing(torch.zeros(1, device="meta"), 1) is False

@@ -209,7 +209,9 @@ def test_encoder_block_through_the_kernels_equals_the_pytorch_blocks(monkeypatch
     """The fused operator's autograd functions with the Triton kernels (CLUSTERFORMER_FUSED_BACKEND=triton) inside a
     cluster block: the output and every gradient are those of its PyTorch blocks."""
     from clusterformer.backbone import ClusterBlock
+    from clusterformer.layers import fused
 
+    monkeypatch.setattr(fused, "MIN_CPU_ELEMENTS", 0)  # CPU tensors: the operator at this small size
     torch.manual_seed(0)
     block = ClusterBlock(32, 2, head_dim=16, center_grid=(3, 3))
     x = torch.randn(2, 6, 7, 32)

@@ -43,7 +43,7 @@ from .layers import (
     is_tracing,
 )
 from .layers.dispatching import NEEDS_ASSIGNMENTS
-from .layers.fused import set_fused
+from .layers.fused import set_fused, worth_fusing
 
 __all__ = ["ClusterFormer", "ClusterBlock"]
 
@@ -253,7 +253,7 @@ class ClusterBlock(nn.Module):
         # stays in cache from its E-step to its dispatching; ``split`` (not indexing) so that the
         # backward pass concatenates the chunk gradients once. A traced graph takes one chunk (the number of
         # chunks depends on the input size). The fused operator works in blocks of its own: one call.
-        if is_tracing() or x.is_cuda or self._fused(dispatching):
+        if is_tracing() or x.is_cuda or self._fused(dispatching, values):
             parts = [(centers0, keys, values)]
         else:
             step = max(1, self.chunk_elements // (n * k))
@@ -280,10 +280,13 @@ class ClusterBlock(nn.Module):
         maps = None if chunks[0][1] is None else assignment_maps(_cat([chunk[1] for chunk in chunks]), b, (h, w))
         return x, centers, maps
 
-    def _fused(self, dispatching: bool) -> bool:
-        """Whether this block's clustering and dispatching both run as the fused operator (one call, no chunks)."""
+    def _fused(self, dispatching: bool, values: torch.Tensor) -> bool:
+        """Whether this block's clustering and dispatching both run as the fused operator (one call, no chunks), for
+        ``values (S, d, N)``."""
+        if not worth_fusing(values, values.shape[0] * values.shape[-1] * self.num_centers):
+            return False
         fused_dispatch = not dispatching or (self.dispatch.mode == "ours" and self.dispatch.fused)
-        return self.clustering.update == "none" or (self.clustering.fused and fused_dispatch)
+        return fused_dispatch and (self.clustering.update == "none" or self.clustering.fused)
 
     def _dispatch(self, x: torch.Tensor, received: torch.Tensor) -> torch.Tensor:
         """Add the projected ``received (B * heads, N, d)`` to the tokens ``x (B, H, W, C)``."""

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import assign, em_step
+from .fused import assign, em_step, worth_fusing
 
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
 # the center updates of RecurrentClustering; "vanilla", "cosine" and "criss_cross" are the methods that Table 6c
@@ -152,7 +152,8 @@ class RecurrentClustering(nn.Module):
 
     ``fused`` (default): each E/M step is the fused operator of :mod:`clusterformer.layers.fused` (the same numbers;
     the ``(N, K)`` assignments are neither written per iteration nor kept for the backward pass); ``False``: the
-    products below, one ``(S, N, K)`` tensor per iteration. Traced graphs (export) take the unfused form.
+    products below, one ``(S, N, K)`` tensor per iteration. Traced graphs (export) take the unfused form, and so do
+    CPU steps whose assignment fits one of the operator's blocks (``fused.worth_fusing``).
 
     ``temperature`` (EM only; ``None``: ``DEFAULT_TEMPERATURE``, 0.5) divides the normalised logits. It is a
     buffer of the state dict: loading weights sets it to the value they were trained at (EM weights saved
@@ -279,7 +280,8 @@ class RecurrentClustering(nn.Module):
         """
         if self.update == "none":
             return centers, None
-        fused = self.fused and not is_tracing()
+        k = centers.shape[-1]
+        fused = self.fused and not is_tracing() and worth_fusing(keys, keys.shape[0] * keys.shape[1] * k)
         if self.em:
             return self._em(centers, keys, values, blocked, groups, fused=fused, need_assignments=need_assignments)
         # the 1/sqrt(d) of scaled dot-product attention, folded into the (shared) query projection

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .clustering import is_tracing, unit
-from .fused import dispatch
+from .fused import dispatch, worth_fusing
 
 DISPATCHES = ("ours", "none", "fc", "fc_similarity", "confidence")
 NEEDS_ASSIGNMENTS = ("fc", "confidence")
@@ -84,7 +84,8 @@ class FeatureDispatch(nn.Module):
         and the last E-step's assignment ``(S, N, K)``."""
         if self.mode == "none":
             raise RuntimeError("dispatching 'none' sends nothing to the tokens")
-        if self.mode == "ours" and self.fused and not is_tracing():
+        elements = values.shape[0] * values.shape[-1] * centers.shape[-1]
+        if self.mode == "ours" and self.fused and not is_tracing() and worth_fusing(values, elements):
             scaled = (centers / centers.shape[-1]).transpose(1, 2)  # the 1/K of Eq. 6
             unit_centers, unit_values = unit(centers, 1).transpose(1, 2), unit(values, 1).transpose(1, 2)
             return dispatch(unit_values, unit_centers, self.sim_alpha, self.sim_beta, scaled, self.hard)
