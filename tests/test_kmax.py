@@ -274,6 +274,7 @@ def test_kmax_layers_run_in_the_clustering_decoder_with_denoising_queries():
         return {}
 
     denoising = DenoisingQueries(torch.randn(2, 6, 16), torch.randn(2, 6, 16), torch.rand(2, 6, 4), 3, 2, [])
+    decoder.keep_assignments = True  # the assignments reach predict (as for the boxes of the clusters, or explain)
     with torch.no_grad():
         plain, _ = decoder(features)
         noised, _ = decoder(features, predict=predict, denoising=denoising)
