@@ -21,45 +21,15 @@ import timm
 import torch
 
 import clusterformer  # noqa: F401  (registers the models)
+from clusterformer.commands.benchmark import workload
 from clusterformer.layers import set_fused
 
 MODELS = ("clusterformer_tiny", "clusterformer_tiny@unfused", "swin_tiny_patch4_window7_224")
 
 
-def build(name: str, device) -> torch.nn.Module:
-    base, _, variant = name.partition("@")
-    model = timm.create_model(base, num_classes=1000)
-    if variant == "unfused":
-        set_fused(model, False)
-    return model.to(device)
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def step_fn(model, images, labels, mode: str, dtype):
-    kind = images.device.type
-    if mode == "train":
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def run():
-            with torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return run
-    model.eval()
-
-    def run():
-        with torch.inference_mode(), torch.autocast(kind, dtype=dtype, enabled=dtype != torch.float32):
-            return model(images)
-
-    return run
 
 
 def time_iters(run, iters: int) -> list[float]:
@@ -139,25 +109,22 @@ def main(argv=None):
         report["parity"] = parity(device)
         save()
     # 3. throughput and memory, bf16 autocast, interleaved
-    images = torch.randn(args.batch, 3, 224, 224, device=device)
-    labels = torch.randint(0, 1000, (args.batch,), device=device)
     times = {(m, mode): [] for m in MODELS for mode in ("infer", "train")}
     peaks = {}
     for r in range(args.rounds):
         for mode in ("infer", "train"):
             for name in MODELS:
-                torch.manual_seed(0)
-                model = build(name, device)
+                # the benchmark command's workload: the model, random images and labels, AdamW for a training step
+                run = workload(name, mode, args.batch, 224, device.type, amp=True)
                 sync()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device) if cuda else 0
-                run = step_fn(model, images, labels, mode, torch.bfloat16)
                 for _ in range(2 if r else 3):
                     run()
                 times[(name, mode)] += time_iters(run, args.iters)
                 peaks[(name, mode)] = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-                del model, run
+                del run
                 if cuda:
                     torch.cuda.empty_cache()
         rows = []
@@ -176,7 +143,8 @@ def main(argv=None):
     if args.only_throughput:
         return
     # 4. graph breaks, then torch.compile inference if time is left
-    model = build("clusterformer_tiny", device).eval()
+    torch.manual_seed(0)
+    model = timm.create_model("clusterformer_tiny").to(device).eval()
     x = torch.randn(min(args.batch, 8), 3, 224, 224, device=device)
     try:
         explanation = torch._dynamo.explain(model.forward_features)(x)
@@ -191,11 +159,10 @@ def main(argv=None):
     save()
     torch._dynamo.reset()
     if time.perf_counter() - start < args.budget * 0.6:
-        compiled = torch.compile(model)
         t0 = time.perf_counter()
         try:
-            eager_run = step_fn(model, images, labels, "infer", torch.bfloat16)
-            compiled_run = step_fn(compiled, images, labels, "infer", torch.bfloat16)
+            eager_run = workload("clusterformer_tiny", "infer", args.batch, 224, device.type, amp=True)
+            compiled_run = workload("clusterformer_tiny@compile", "infer", args.batch, 224, device.type, amp=True)
             compiled_run()
             report["compile"] = {"compile_seconds": time.perf_counter() - t0}
             for _ in range(2):

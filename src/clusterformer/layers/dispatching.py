@@ -11,15 +11,10 @@ import torch
 from torch import nn
 
 from .clustering import is_tracing, unit
-from .fused import dispatch, worth_fusing
+from .fused import dispatch, dispatch_weights, top1_mask, worth_fusing
 
 DISPATCHES = ("ours", "none", "fc", "fc_similarity", "confidence")
 NEEDS_ASSIGNMENTS = ("fc", "confidence")
-
-
-def top1_mask(weights: torch.Tensor) -> torch.Tensor:
-    """One-hot mask of the largest weight along the last axis (Algorithm 2's ``mask``)."""
-    return torch.zeros_like(weights).scatter_(-1, weights.argmax(dim=-1, keepdim=True), 1.0)
 
 
 class FeatureDispatch(nn.Module):
@@ -75,9 +70,8 @@ class FeatureDispatch(nn.Module):
     def similarity(self, centers: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``sigmoid(beta + alpha * cos(C_k, v_p))``: centers ``(S, d, K)``, values ``(S, d, N)`` ->
         ``(S, N, K)``."""
-        scaled_centers = unit(centers, 1) * self.sim_alpha
-        logits = torch.baddbmm(self.sim_beta, unit(values, 1).transpose(1, 2), scaled_centers)
-        return logits.sigmoid_()
+        unit_values, unit_centers = unit(values, 1).transpose(1, 2), unit(centers, 1).transpose(1, 2)
+        return dispatch_weights(unit_values, unit_centers, self.sim_alpha, self.sim_beta)[0]
 
     def aggregate(self, centers: torch.Tensor, values: torch.Tensor, assignments: torch.Tensor | None) -> torch.Tensor:
         """What each token receives, ``(S, N, d)``, from centers ``(S, d, K)``, values ``(S, d, N)``

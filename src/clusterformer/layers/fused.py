@@ -108,6 +108,11 @@ def _group_sum(x: torch.Tensor, groups: Sequence[int] | None) -> torch.Tensor:
     return torch.cat([part.sum(-1, keepdim=True).expand_as(part) for part in x.split(list(groups), -1)], -1)
 
 
+def top1_mask(weights: torch.Tensor) -> torch.Tensor:
+    """One-hot mask of the largest weight along the last axis (k-means' assignment, Algorithm 2's ``mask``)."""
+    return torch.zeros_like(weights).scatter_(-1, weights.argmax(dim=-1, keepdim=True), 1.0)
+
+
 def assign(
     logits: torch.Tensor,
     blocked: torch.Tensor | None = None,
@@ -122,7 +127,7 @@ def assign(
     if assignment == "softmax":
         assigned = [part.softmax(dim=-1) for part in parts]
     else:
-        assigned = [torch.zeros_like(part).scatter_(-1, part.argmax(dim=-1, keepdim=True), 1.0) for part in parts]
+        assigned = [top1_mask(part) for part in parts]
     return assigned[0] if len(assigned) == 1 else torch.cat(assigned, dim=-1)
 
 
@@ -180,7 +185,7 @@ def dispatch_weights(unit_values, unit_centers, alpha, beta, hard: bool = False)
     sigmoid = torch.baddbmm(beta, unit_values, unit_centers.transpose(1, 2) * alpha).sigmoid_()
     if not hard:
         return sigmoid, sigmoid, None
-    top = torch.zeros_like(sigmoid).scatter_(-1, sigmoid.argmax(dim=-1, keepdim=True), 1.0)
+    top = top1_mask(sigmoid)
     return sigmoid * top, sigmoid, top
 
 
