@@ -67,6 +67,37 @@ def test_validate_and_test_reproduce_the_metrics_that_fit_logged(shapes, tmp_pat
             assert again[f"{prefix}/{key}"] == pytest.approx(fitted[f"val/{key}"], rel=1e-5, abs=1e-6), (command, key)
 
 
+@pytest.mark.parametrize("written_by", ["this version", "an earlier version"])
+def test_validate_reads_a_checkpoint_of_a_task_built_in_python(written_by, shapes, tmp_path):
+    """A checkpoint of a task that ``clusterformer demo`` (or a notebook) built and a plain Trainer saved, whose
+    settings differ from the config's (the demo's token head and 4 x 4 centers): ``validate --ckpt_path`` rebuilds
+    the checkpoint's model and reproduces its metrics. Checkpoints written before tasks recorded ``_class_path``
+    (LightningCLI's record of the task class) failed with ``not an option of lightning.LightningModule``."""
+    import lightning as L
+
+    from clusterformer.recipes import build_stage
+
+    data_settings = {"root": str(shapes / "imagefolder"), "num_workers": 0, "batch_size": 2, "img_size": 32,
+                     "eval_resize": 32}  # fmt: skip
+    demo_model = {"model_kwargs": {"head": "tokens", "center_grid": [4, 4]}}
+    task, data = build_stage("classification", data_settings, demo_model)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        default_root_dir=tmp_path / "python")  # fmt: skip
+    trainer.fit(task, data)
+    expected = trainer.validate(task, data, verbose=False)[0]
+    (checkpoint,) = (tmp_path / "python").rglob("*.ckpt")
+    stored = torch.load(checkpoint, weights_only=True)
+    assert stored["hyper_parameters"]["_class_path"] == "clusterformer.tasks.classification.ClassificationTask"
+    if written_by == "an earlier version":
+        del stored["hyper_parameters"]["_class_path"]
+        torch.save(stored, checkpoint)
+    assert run("validate", "classification", shapes, tmp_path / "validate", "--ckpt_path", checkpoint) == 0
+    again = logged(tmp_path / "validate")
+    for key in ("val/loss", "val/top1"):
+        assert again[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
 @pytest.mark.parametrize("task", ["detection", "instance", "semantic", "panoptic"])
 def test_fit_with_the_shapes_config_leaves_a_checkpoint_and_the_tasks_metrics(task, shapes, tmp_path):
     spec = TASKS[task]

@@ -218,6 +218,28 @@ def _clusterformer_cli():
             if ckpt_path and Path(ckpt_path).is_file():  # before Lightning reads the file's settings
                 refuse_other_checkpoint(Path(ckpt_path), self.requested_task)
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads a checkpoint's hyperparameters as the task's init_args only when they name the
+            # task's class (``_class_path``, which tasks write since they save it themselves); a checkpoint
+            # written before, by a task built in Python (the demo), gets it from its task here
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path and Path(ckpt_path).is_file():
+                from .weights import CheckpointError, checkpoint_task, load_checkpoint, task_class
+
+                try:
+                    checkpoint = load_checkpoint(Path(ckpt_path))
+                    hparams = dict(checkpoint["hyper_parameters"])
+                    if "_class_path" not in hparams:
+                        cls = task_class(checkpoint_task(checkpoint, ckpt_path))
+                        hparams.pop("_instantiator", None)
+                        model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "dict_kwargs": hparams}
+                        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+                        return
+                except (CheckpointError, KeyError, TypeError):
+                    pass  # not a task checkpoint: Lightning's own reading and errors
+            super()._parse_ckpt_path()
+
         def before_instantiate_classes(self) -> None:
             config = self.config[self.subcommand]
             # a checkpoint file's settings replaced the command's (LightningCLI); the runtime ones are the command's

@@ -266,7 +266,14 @@ class BaseTask(L.LightningModule, ABC):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """RNG states (exact resume), the task name (``weights.task_from_checkpoint``), the class names
-        (``clusterformer predict``) and the last validation metrics (the model card of ``save_pretrained``)."""
+        (``clusterformer predict``) and the last validation metrics (the model card of ``save_pretrained``).
+
+        A task built in Python (the demo, a notebook) also gets the ``_class_path`` that LightningCLI records for the
+        tasks it builds: ``validate``/``test``/``predict --ckpt_path`` read the checkpoint's hyperparameters as the
+        task's ``init_args`` only with it, and stop with ``not an option of LightningModule`` without."""
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict) and "_class_path" not in hparams:
+            hparams["_class_path"] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint["rng_states"] = rng_states()
         checkpoint["clusterformer_task"] = self.task_name
         save_dataset_info(self, checkpoint)
