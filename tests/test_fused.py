@@ -269,13 +269,79 @@ def test_fused_block_keeps_no_assignment_for_backward():
     assert len([shape for shape in shapes if N in shape and K in shape]) >= 2 * 3
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_block_keeps_one_copy_of_the_keys_and_values(autocast, monkeypatch):
+    """Of the block's ``(S, N, d)`` tensors the fused path keeps two for the backward pass, the keys before their
+    layer norm (which that norm keeps) and the values (which the E/M steps keep): the normalised keys and the unit
+    values of Eq. 6 are rebuilt from them there, bit for bit, in fp32 and under bf16 autocast (the gradients equal
+    those of the same steps keeping both). The unfused path keeps them besides."""
+    import clusterformer.layers.clustering as clustering
+    import clusterformer.layers.dispatching as dispatching
+
+    slices = {(2 * HEADS, N, D), (2 * HEADS, D, N)}
+
+    def run(fused: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        block = set_fused(ClusterBlock(32, HEADS, head_dim=D, center_grid=(10, 10)), fused)
+        x = torch.randn(2, 32, 32, 32, requires_grad=True)
+        storages = set()
+
+        def pack(t):
+            if tuple(t.shape) in slices:
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        with hooks, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = block(x)
+        (out.float() * torch.linspace(-1, 1, 32)).sum().backward()
+        grads = {name: p.grad for name, p in block.named_parameters() if p.grad is not None}
+        return len(storages), {"x": x.grad, **grads}
+
+    kept, rebuilt = run(fused=True)
+    assert kept == 2
+    assert run(fused=False)[0] >= 4
+    # the same fused steps told nothing of where their inputs come from: they keep them, with the same gradients
+    em_step, dispatch = clustering.em_step, dispatching.dispatch
+    monkeypatch.setattr(clustering, "em_step", lambda *args, **norms: em_step(*args))
+    monkeypatch.setattr(dispatching, "dispatch", lambda *args: dispatch(*args[:6]))
+    kept_both, plain = run(fused=True)
+    assert kept_both >= 3
+    assert rebuilt.keys() == plain.keys()
+    for name, grad in rebuilt.items():
+        assert torch.equal(grad, plain[name]), name
+
+
 def test_fused_memory_does_not_grow_with_iterations():
-    """Training memory no longer grows with T x N x K: each further iteration keeps a few (K, d) tensors (the
-    queries, the centers and the norms' statistics), against an (N, K) assignment unfused."""
+    """Training memory no longer grows with T x N x K: each further iteration keeps two (S, K, d) tensors, the
+    centers (the query projection's input and the M-step's result) and the queries before their layer norm, and the
+    norms' statistics, against an (N, K) assignment unfused. (Kept besides before: the normalised queries and the
+    M-step's numerator, 4.2 (S, K, d) tensors per iteration.)"""
     fused = {t: block_saved(t, fused=True)[0] for t in (1, 6)}
     plain = {t: block_saved(t, fused=False)[0] for t in (1, 6)}
     assert (fused[6] - fused[1]) / 5 < ASSIGNMENT_BYTES / 8
+    assert (fused[6] - fused[1]) / 5 < 2.5 * (2 * HEADS * K * D * 4)
     assert (plain[6] - plain[1]) / 5 > 0.9 * ASSIGNMENT_BYTES
+
+
+def test_weighted_mean_is_the_autograd_expression():
+    """The M-step's autograd function: the numbers of ``(centers * eps + summed) / (mass[..., None] + eps)`` in
+    autograd, forward and gradients, bit for bit in fp32; gradcheck in float64."""
+    torch.manual_seed(0)
+    centers, summed = torch.randn(3, 7, 5), torch.randn(3, 7, 5)
+    mass = torch.rand(3, 7) * 4
+    mass[0, 0] = 0.0  # a cluster without mass keeps its center
+    grad = torch.randn(3, 7, 5)
+    results = []
+    for fn in (lambda c, s, m: F.weighted_mean(c, s, m, 1e-6), lambda c, s, m: (c * 1e-6 + s) / (m[..., None] + 1e-6)):
+        inputs = [t.clone().requires_grad_() for t in (centers, summed, mass)]
+        out = fn(*inputs)
+        out.backward(grad)
+        results.append([out.detach()] + [t.grad for t in inputs])
+    for ours, plain in zip(*results, strict=True):
+        assert torch.equal(ours, plain)
+    inputs = [t.double().requires_grad_() for t in (centers, summed, mass + 0.1)]
+    assert torch.autograd.gradcheck(lambda c, s, m: F.weighted_mean(c, s, m, 1e-6), inputs)
 
 
 def test_bf16_autocast_close_to_fp32():

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import assign, em_step, worth_fusing
+from .fused import assign, em_step, unit, weighted_mean, worth_fusing  # noqa: F401 (unit: imported from here by other modules)
 
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
 # the center updates of RecurrentClustering; "vanilla", "cosine" and "criss_cross" are the methods that Table 6c
@@ -59,12 +59,6 @@ def is_tracing() -> bool:
     (chunking, ``linspace``, adaptive pooling) take a size-independent path instead, with the same results."""
     exporting = getattr(torch.compiler, "is_exporting", lambda: False)
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting()
-
-
-def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``F.normalize(x, dim=dim)`` (eps 1e-12 on the norm), written with a sum of squares, which is
-    several times faster than ``F.normalize`` along a non-contiguous axis on CPU."""
-    return x * x.square().sum(dim, keepdim=True).clamp_min(1e-24).rsqrt()
 
 
 class CenterInit(nn.Module):
@@ -321,7 +315,7 @@ class RecurrentClustering(nn.Module):
         as ``(S, K, d)``, so that the projection and the norms run along the contiguous channel axis; ``bmm``
         reads the transposed views without copies."""
         d = self.head_dim
-        keys = self.k_norm(keys)  # (S, N, d): normalised once per block
+        raw_keys, keys = keys, self.k_norm(keys)  # (S, N, d): normalised once per block
         scale = self.scale / self.temperature  # the logits' 1/(sqrt(d) * temperature), folded into the gains
         gain = self.q_norm.weight * scale
         shift = self.q_norm.bias * scale
@@ -329,10 +323,15 @@ class RecurrentClustering(nn.Module):
         values = values.transpose(1, 2)  # (S, N, d) view
         assignments = None
         for _ in range(self.iterations):
-            queries = F.layer_norm(self.q(centers), (d,), gain, shift)  # (S, K, d)
+            raw_queries = self.q(centers)
+            queries = F.layer_norm(raw_queries, (d,), gain, shift)  # (S, K, d)
             if fused:  # the same step, the assignment never stored
-                summed, mass = em_step(queries, keys, values, blocked, groups, self._kind)
-                centers = (centers * eps + summed) / (mass.unsqueeze(-1) + eps)
+                # the step keeps the queries and keys before their layer norms (which those keep anyway), and the
+                # M-step its result (the next step's input) rather than its numerator
+                norms = {"query_norm": (raw_queries, gain, shift, 1e-5),
+                         "key_norm": (raw_keys, self.k_norm.weight, self.k_norm.bias, self.k_norm.eps)}  # fmt: skip
+                summed, mass = em_step(queries, keys, values, blocked, groups, self._kind, **norms)
+                centers = weighted_mean(centers, summed, mass, eps)
                 continue
             assignments = self.assign(queries.transpose(1, 2), keys, blocked, groups)  # E-step, (S, N, K)
             mass = assignments.sum(dim=1).unsqueeze(-1)  # (S, K, 1)

@@ -82,7 +82,8 @@ class FeatureDispatch(nn.Module):
         if self.mode == "ours" and self.fused and not is_tracing() and worth_fusing(values, elements):
             scaled = (centers / centers.shape[-1]).transpose(1, 2)  # the 1/K of Eq. 6
             unit_centers, unit_values = unit(centers, 1).transpose(1, 2), unit(values, 1).transpose(1, 2)
-            return dispatch(unit_values, unit_centers, self.sim_alpha, self.sim_beta, scaled, self.hard)
+            # the unit values are rebuilt from the values (kept by the E/M steps anyway) for the backward pass
+            return dispatch(unit_values, unit_centers, self.sim_alpha, self.sim_beta, scaled, self.hard, values)
         if self.mode == "ours":
             weights = self.similarity(centers, values)
             if self.hard:

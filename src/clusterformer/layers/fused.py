@@ -10,7 +10,10 @@ matrices run at the speed of memory rather than of arithmetic. Here each step is
   tokens receive ``(S, N, d)``;
 * keeps for the backward pass only its inputs (the queries and centers, ``(S, K, d)``, and the keys and values that
   every iteration shares) and recomputes the assignment block by block there, as flash attention recomputes its
-  attention matrix.
+  attention matrix. The normalised queries and keys and the unit values of Eq. 6 can be kept as what they are
+  computed from (``query_norm``, ``key_norm``, ``unit_source``: the inputs of the layer norms, which those keep, and
+  the values, which the E/M steps keep) and rebuilt there too, and :func:`weighted_mean` (the EM M-step) keeps its
+  result rather than its numerator: two ``(S, N, d)`` tensors fewer per block and two ``(S, K, d)`` per iteration.
 
 What is left between the steps (the query projection and its layer norm, the weighted mean ``(eps C + summed) /
 (mass + eps)``, the unit norms of Eq. 6) is ordinary autograd on ``(S, K, d)`` or ``(S, N, d)`` tensors. The numbers
@@ -30,12 +33,24 @@ CPU tensors needs ``TRITON_INTERPRET=1`` (the test suite runs the kernels that w
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 ASSIGNMENTS = ("softmax", "argmax")
+# what a layer norm computed a tensor from: F.layer_norm(input, (d,), weight, bias, eps)
+LayerNormOf = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]
+
+
+def unit(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``F.normalize(x, dim=dim)`` (eps 1e-12 on the norm), written with a sum of squares, which is
+    several times faster than ``F.normalize`` along a non-contiguous axis on CPU."""
+    return x * x.square().sum(dim, keepdim=True).clamp_min(1e-24).rsqrt()
+
+
 BACKENDS = ("auto", "torch", "triton")
 # elements of one block's (slices, tokens, K) assignment: 512K floats, 2 MiB, about a core's L2 cache (on the 2-core
 # Xeon of docs/benchmarks.md, 2**17 was 5% slower and 2**20 - 2**22 no faster)
@@ -248,9 +263,26 @@ def _compute_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def _rebuild_settings(device: torch.device, dtype: torch.dtype) -> tuple[bool, torch.dtype, torch.dtype]:
+    """What a backward pass needs to compute an input again as the forward's caller computed it: whether autocast
+    was on, its dtype, and the dtype the step's products ran in."""
+    return torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type), dtype
+
+
+@contextlib.contextmanager
+def _rebuilding(device: torch.device, settings: tuple[bool, torch.dtype, torch.dtype]):
+    """No gradients, and autocast as it was around the forward pass (backward passes run outside it); yields the
+    dtype of the step's products."""
+    enabled, autocast_dtype, dtype = settings
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
+        yield dtype
+
+
 class _EMStep(torch.autograd.Function):
+    # the last arguments: for the queries and then the keys, None or the (input, weight, bias) of the layer norm that
+    # computed them, and the two norms' eps (LayerNorm's layout: weight and bias may be None)
     @staticmethod
-    def forward(ctx, queries, keys, values, blocked, groups, assignment):
+    def forward(ctx, queries, keys, values, blocked, groups, assignment, q_in, q_w, q_b, k_in, k_w, k_b, eps):
         dtype = _compute_dtype(keys.device, queries, keys, values)
         ctx.dtypes = (queries.dtype, keys.dtype, values.dtype)
         ctx.groups, ctx.assignment = groups, assignment
@@ -261,12 +293,22 @@ class _EMStep(torch.autograd.Function):
                 summed, mass = kernels.em_forward(q, k, v, blocked)
             else:
                 summed, mass = em_forward(q, k, v, blocked, groups, assignment)
-        ctx.save_for_backward(q, k, v, blocked)
+        # queries or keys that are layer_norm(input): kept as that input, which the layer norm keeps anyway
+        ctx.normed = (q_in is not None, k_in is not None)
+        ctx.eps, ctx.rebuild = eps, _rebuild_settings(keys.device, dtype)
+        q_kept = (q_in, q_w, q_b) if q_in is not None else (q, None, None)
+        k_kept = (k_in, k_w, k_b) if k_in is not None else (k, None, None)
+        ctx.save_for_backward(*q_kept, *k_kept, v, blocked)
         return summed, mass
 
     @staticmethod
     def backward(ctx, grad_summed, grad_mass):
-        q, k, v, blocked = ctx.saved_tensors
+        q_in, q_w, q_b, k_in, k_w, k_b, v, blocked = ctx.saved_tensors
+        q_eps, k_eps = ctx.eps
+        # the forward's queries and keys again, bit for bit: the same layer norm on the same input, autocast as then
+        with _rebuilding(v.device, ctx.rebuild) as dtype:
+            q = F.layer_norm(q_in, q_in.shape[-1:], q_w, q_b, q_eps).to(dtype) if ctx.normed[0] else q_in
+            k = F.layer_norm(k_in, k_in.shape[-1:], k_w, k_b, k_eps).to(dtype) if ctx.normed[1] else k_in
         grad_summed = torch.zeros_like(q, dtype=torch.float32) if grad_summed is None else grad_summed
         grad_mass = q.new_zeros(q.shape[:2], dtype=torch.float32) if grad_mass is None else grad_mass
         with torch.autocast(k.device.type, enabled=False):
@@ -276,12 +318,35 @@ class _EMStep(torch.autograd.Function):
             else:
                 grads = em_backward(q, k, v, blocked, grad_summed, grad_mass, ctx.groups, ctx.assignment)
         grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
-        return (*grads, None, None, None)
+        return (*grads, *[None] * 10)
+
+
+class _WeightedMean(torch.autograd.Function):
+    """``(centers * eps + summed) / (mass[..., None] + eps)``, keeping the result and the denominators for the
+    backward pass instead of the ``(S, K, d)`` numerator (the result is kept anyway: the next step reads it)."""
+
+    @staticmethod
+    def forward(ctx, centers, summed, mass, eps):
+        denominator = mass.unsqueeze(-1) + eps
+        out = (centers * eps + summed) / denominator
+        ctx.save_for_backward(out, denominator)
+        ctx.eps, ctx.dtypes = eps, (centers.dtype, summed.dtype, mass.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, denominator = ctx.saved_tensors
+        grad = grad_out / denominator  # of the numerator
+        # of the denominator, as autograd's division computes it (-grad * (numerator / denominator) / denominator,
+        # the quotient being the result): the same numbers as the expression in autograd
+        grad_mass = (-grad_out * (out / denominator)).sum(-1)
+        d_centers, d_summed, d_mass = ctx.dtypes
+        return (grad * ctx.eps).to(d_centers), grad.to(d_summed), grad_mass.to(d_mass), None
 
 
 class _Dispatch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, unit_values, unit_centers, alpha, beta, centers, hard):
+    def forward(ctx, unit_values, unit_centers, alpha, beta, centers, hard, unit_source):
         dtype = _compute_dtype(unit_values.device, unit_values, unit_centers, centers)
         ctx.dtypes = (unit_values.dtype, unit_centers.dtype, centers.dtype)
         ctx.hard = hard
@@ -293,13 +358,20 @@ class _Dispatch(torch.autograd.Function):
                 out = kernels.dispatch_forward(uv, uc, a, b, c)
             else:
                 out = dispatch_forward(uv, uc, a, b, c, hard)
-        ctx.save_for_backward(uv, uc, a, b, c)
+        # unit values that are unit(unit_source, 1).transpose(1, 2): kept as the source (the values, which the
+        # E/M steps keep anyway); the unit norm's operations run in their input's dtype, under autocast too
+        ctx.from_source = unit_source is not None
+        ctx.save_for_backward(unit_source if ctx.from_source else uv, uc, a, b, c)
+        ctx.rebuild = _rebuild_settings(uv.device, dtype)
         ctx.param_dtypes = (alpha.dtype, beta.dtype)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         uv, uc, a, b, c = ctx.saved_tensors
+        if ctx.from_source:
+            with _rebuilding(uv.device, ctx.rebuild) as dtype:  # the forward's unit values again, bit for bit
+                uv = unit(uv, 1).transpose(1, 2).to(dtype)
         with torch.autocast(uv.device.type, enabled=False):
             kernels = _triton_for(uv, hard=ctx.hard)
             if kernels is not None:
@@ -308,7 +380,7 @@ class _Dispatch(torch.autograd.Function):
                 grad_uv, grad_uc, grad_a, grad_b, grad_c = dispatch_backward(uv, uc, a, b, c, grad_out, ctx.hard)
         d_uv, d_uc, d_c = ctx.dtypes
         d_a, d_b = ctx.param_dtypes
-        return grad_uv.to(d_uv), grad_uc.to(d_uc), grad_a.to(d_a), grad_b.to(d_b), grad_c.to(d_c), None
+        return grad_uv.to(d_uv), grad_uc.to(d_uc), grad_a.to(d_a), grad_b.to(d_b), grad_c.to(d_c), None, None
 
 
 def em_step(
@@ -318,14 +390,30 @@ def em_step(
     blocked: torch.Tensor | None = None,
     groups: Sequence[int] | None = None,
     assignment: str = "softmax",
+    query_norm: LayerNormOf | None = None,
+    key_norm: LayerNormOf | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused E/M step: ``queries (S, K, d)`` (scaled), ``keys (S, N, d)``, ``values (S, N, d)`` (any strides),
     ``blocked (S, N, K)``, ``groups`` as in :meth:`RecurrentClustering.forward` -> ``summed (S, K, d)`` and ``mass
-    (S, K)`` (float32 under autocast). Differentiable; the assignment is never stored."""
+    (S, K)`` (float32 under autocast). Differentiable; the assignment is never stored.
+
+    ``key_norm = (input, weight, bias, eps)`` says that ``keys`` is ``F.layer_norm(input, (d,), weight, bias, eps)``
+    (``query_norm`` the same of ``queries``): the step then keeps ``input`` for its backward pass, which the layer
+    norm keeps anyway, instead of a second tensor of that size, and rebuilds the keys from it there (under autocast
+    as autocast computed them)."""
     if assignment not in ASSIGNMENTS:
         raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {assignment!r}")
     groups = None if groups is None else tuple(int(g) for g in groups)
-    return _EMStep.apply(queries, keys, values, blocked, groups, assignment)
+    q_in, q_w, q_b, q_eps = query_norm if query_norm is not None else (None, None, None, None)
+    k_in, k_w, k_b, k_eps = key_norm if key_norm is not None else (None, None, None, None)
+    norms = (q_in, q_w, q_b, k_in, k_w, k_b, (q_eps, k_eps))
+    return _EMStep.apply(queries, keys, values, blocked, groups, assignment, *norms)
+
+
+def weighted_mean(centers: torch.Tensor, summed: torch.Tensor, mass: torch.Tensor, eps: float) -> torch.Tensor:
+    """The EM M-step from :func:`em_step`'s sums, ``(centers * eps + summed) / (mass[..., None] + eps)``, which keeps
+    one ``(S, K, d)`` tensor fewer for the backward pass than the same expression in autograd."""
+    return _WeightedMean.apply(centers, summed, mass, eps)
 
 
 def dispatch(
@@ -335,10 +423,15 @@ def dispatch(
     beta: torch.Tensor,
     centers: torch.Tensor,
     hard: bool = False,
+    unit_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused Eq. 6 aggregation: ``sigmoid(beta + alpha * unit_values unit_centers^T) @ centers`` (top-1 weight only
-    when ``hard``), ``(S, N, d)``; the ``(S, N, K)`` weights are never stored. Differentiable."""
-    return _Dispatch.apply(unit_values, unit_centers, alpha, beta, centers, hard)
+    when ``hard``), ``(S, N, d)``; the ``(S, N, K)`` weights are never stored. Differentiable.
+
+    ``unit_source`` ``(S, d, N)`` says that ``unit_values`` is ``unit(unit_source, 1).transpose(1, 2)``: the step then
+    keeps the source for its backward pass (the values, which the E/M steps keep anyway) instead of the unit values,
+    and rebuilds them there."""
+    return _Dispatch.apply(unit_values, unit_centers, alpha, beta, centers, hard, unit_source)
 
 
 def set_fused(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
