@@ -230,14 +230,14 @@ def _clusterformer_cli():
                 try:
                     checkpoint = load_checkpoint(Path(ckpt_path))
                     hparams = dict(checkpoint["hyper_parameters"])
-                    if "_class_path" not in hparams:
-                        cls = task_class(checkpoint_task(checkpoint, ckpt_path))
-                        hparams.pop("_instantiator", None)
-                        model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "dict_kwargs": hparams}
-                        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
-                        return
+                    cls = None if "_class_path" in hparams else task_class(checkpoint_task(checkpoint, ckpt_path))
                 except (CheckpointError, KeyError, TypeError):
-                    pass  # not a task checkpoint: Lightning's own reading and errors
+                    cls = None  # not a task checkpoint: Lightning's own reading and errors
+                if cls is not None:
+                    hparams.pop("_instantiator", None)
+                    model = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "dict_kwargs": hparams}
+                    self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+                    return
             super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:

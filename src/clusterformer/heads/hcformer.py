@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.clustering import is_tracing, unit
+from ..layers.clustering import is_tracing
+from ..layers.fused import unit
 
 DECODER_LEVELS = ("cluster", "carried")
 MIN_SCALE = 1e-4  # |s| is clamped here: s = 0 would divide by zero (the regularisation drives |s| down)

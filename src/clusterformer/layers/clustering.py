@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import assign, em_step, unit, weighted_mean, worth_fusing  # noqa: F401 (unit: imported from here by other modules)
+from .fused import assign, em_step, unit, weighted_mean, worth_fusing
 
 CENTER_UPDATES = ("recurrent", "kmeans", "vanilla", "cosine", "criss_cross", "none")
 # the center updates of RecurrentClustering; "vanilla", "cosine" and "criss_cross" are the methods that Table 6c

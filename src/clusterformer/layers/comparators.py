@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clustering import adaptive_pool, criss_cross_mask, unit
+from .clustering import adaptive_pool, criss_cross_mask
+from .fused import unit
 
 COMPARATORS = ("vanilla", "criss_cross", "cosine")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .clustering import is_tracing, unit
-from .fused import dispatch, dispatch_weights, top1_mask, worth_fusing
+from .clustering import is_tracing
+from .fused import dispatch, dispatch_weights, top1_mask, unit, worth_fusing
 
 DISPATCHES = ("ours", "none", "fc", "fc_similarity", "confidence")
 NEEDS_ASSIGNMENTS = ("fc", "confidence")
